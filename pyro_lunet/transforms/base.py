@@ -1,0 +1,247 @@
+"""The protocol every invertible linear layer shares.
+
+A family file supplies only its math (:meth:`InvertibleLinear._matvec`,
+:meth:`~InvertibleLinear._solve`, :meth:`~InvertibleLinear._log_abs_det`
+and :meth:`~InvertibleLinear._dense`); this module owns the bias, input
+validation, batching, Pyro's ``cache_size`` behaviour and a cache of derived
+quantities that cannot go stale.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch import Tensor
+from torch.distributions import constraints
+
+__all__ = ["InvertibleLinear", "VersionedCacheModule", "check_choice", "check_input_dim"]
+
+
+def check_input_dim(input_dim: int) -> int:
+    """Returns ``input_dim`` if it is a positive int, else raises ``ValueError``."""
+    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
+        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+    return input_dim
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """Returns ``value`` if it is one of ``choices``, else raises ``ValueError``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+class VersionedCacheModule(TransformModule):
+    """A :class:`~pyro.distributions.TransformModule` whose caches cannot go stale.
+
+    Pyro's ``cache_size=1`` keeps the last ``(x, y)`` pair and answers by
+    tensor identity alone, so ``TransformedDistribution.log_prob`` of a fresh
+    ``rsample`` skips the inverse. Here a hit also needs the module's tensors
+    unchanged (same ``_version`` and storage: optimizer steps,
+    ``load_state_dict`` and merges all bump the version) and the same grad and
+    train/eval modes, and a backward pass through the cached result (which
+    frees its graph) forgets it. So full-batch training on one data tensor
+    needs no ``clear_cache()`` calls (pyro#2542), and a result computed under
+    ``no_grad`` is never handed to a call that needs its graph.
+
+    Derived quantities (assembled matrices, log-determinants) go through
+    :meth:`_memo`, under the same key and only while no graph is recorded.
+    Both caches are dropped on pickling and deep-copying, which therefore work
+    on a used, trained module.
+    """
+
+    def __init__(self, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self._cache_key: tuple | None = None
+        self._derived: dict[str, tuple[tuple, object]] = {}
+
+    def _state_key(self) -> tuple:
+        return (
+            torch.is_grad_enabled(),
+            self.training,
+            *((t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers())),
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self._cache_size == 0:
+            return self._call(x)
+        key = self._state_key()
+        x_old, y_old = self._cached_x_y
+        if x is x_old and key == self._cache_key:
+            return y_old
+        y = self._call(x)
+        self._remember(x, y, y, key)
+        return y
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        if self._cache_size == 0:
+            return self._inverse(y)
+        key = self._state_key()
+        x_old, y_old = self._cached_x_y
+        if y is y_old and key == self._cache_key:
+            return x_old
+        x = self._inverse(y)
+        self._remember(x, y, x, key)
+        return x
+
+    def _remember(self, x: Tensor, y: Tensor, computed: Tensor, key: tuple) -> None:
+        pair = (x, y)
+        self._cached_x_y, self._cache_key = pair, key
+        if computed.requires_grad:
+            # A backward pass through the computed tensor frees its graph: the
+            # pair must not be handed out again after that.
+            module = weakref.ref(self)
+
+            def forget(grad: Tensor) -> None:
+                owner = module()
+                if owner is not None and owner._cached_x_y is pair:
+                    owner._cached_x_y, owner._cache_key = (None, None), None
+
+            computed.register_hook(forget)
+
+    def clear_cache(self) -> None:
+        """Forgets the cached ``(x, y)`` pair and every derived quantity."""
+        if self._cache_size:
+            self._cached_x_y = None, None
+        self._cache_key = None
+        self._derived = {}
+
+    def _memo(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, memoized while no autograd graph is being recorded.
+
+        With grad enabled the value is recomputed on every call, so no graph is
+        ever shared between two backward passes.
+        """
+        if torch.is_grad_enabled():
+            return compute()
+        key = self._state_key()
+        hit = self._derived.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = compute()
+        self._derived[name] = (key, value)
+        return value
+
+    def with_cache(self, cache_size: int = 1) -> VersionedCacheModule:
+        """A view of this module (the same parameters) with another ``cache_size``."""
+        if cache_size == self._cache_size:
+            return self
+        if cache_size not in (0, 1):
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
+        view = copy.copy(self)
+        view._cache_size = cache_size
+        view._inv = None
+        view._cached_x_y = None, None
+        view.clear_cache()
+        return view
+
+    def __getstate__(self) -> dict:
+        # Cached tensors may carry autograd graphs, which can be neither
+        # deep-copied nor pickled; they are cheap to rebuild.
+        state = super().__getstate__()
+        if "_cached_x_y" in state:
+            state["_cached_x_y"] = None, None
+        state["_cache_key"] = None
+        state["_derived"] = {}
+        return state
+
+
+class InvertibleLinear(VersionedCacheModule):
+    r"""Abstract base of the invertible affine maps :math:`y = W x + b` on :math:`\mathbb{R}^D`.
+
+    Subclasses implement the four hooks below on 2-D inputs ``(N, D)``; the
+    base class handles every batch shape ``(*batch, D)``, the bias, input
+    validation and caching.
+
+    Caching is :class:`VersionedCacheModule`'s: it never goes stale.
+
+    :param int input_dim: the dimension D.
+    :param bool bias: whether to learn a bias :math:`b` (else ``bias`` is ``None``).
+    :param int cache_size: 0 or 1, as for Pyro's transforms.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, input_dim: int, bias: bool = True, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.input_dim = check_input_dim(input_dim)
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(input_dim))
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ hooks
+    def _matvec(self, x: Tensor) -> Tensor:
+        """Rows of ``W x``: ``x`` is ``(N, D)``, returns ``(N, D)``."""
+        raise NotImplementedError
+
+    def _solve(self, y: Tensor) -> Tensor:
+        """Rows of ``W^-1 y``: ``y`` is ``(N, D)``, returns ``(N, D)``."""
+        raise NotImplementedError
+
+    def _log_abs_det(self) -> Tensor:
+        """``log|det W|`` as a 0-dim tensor."""
+        raise NotImplementedError
+
+    def _dense(self) -> Tensor:
+        """The dense ``(D, D)`` matrix ``W``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- public API
+    def weight(self) -> Tensor:
+        """The dense matrix :math:`W` of the exact forward map. For inspection; O(D^2) or more."""
+        return self._dense()
+
+    def log_abs_det(self) -> Tensor:
+        r""":math:`\log|\det W|`, a 0-dim tensor."""
+        return self._log_abs_det()
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        """:math:`\\log|\\det W|` broadcast to ``x.shape[:-1]`` (the Jacobian is constant)."""
+        return self.log_abs_det().expand(x.shape[:-1])
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}, bias={self.bias is not None}"
+
+    # -------------------------------------------------------------- transform
+    def _call(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        y = self._batched(self._matvec, x)
+        return y if self.bias is None else y + self.bias
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        self._check_input(y)
+        x = self._batched(self._solve, y)
+        if self.bias is None:
+            return x
+        # W^-1 (y - b) = W^-1 y - W^-1 b: the bias's gradient then needs one
+        # matrix-vector solve instead of the gradient of the whole batch.
+        return x - self._solve(self.bias.unsqueeze(0)).squeeze(0)
+
+    def _batched(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return fn(x)
+        return fn(x.reshape(-1, self.input_dim)).reshape(x.shape)
+
+    def _reference(self) -> Tensor:
+        return next(self.parameters())
+
+    def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} expects a Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"{name} expects inputs of shape (..., {self.input_dim}), got {tuple(x.shape)}"
+            )
+        ref = self._reference()
+        if x.dtype != ref.dtype:
+            raise ValueError(f"{name} expects dtype {ref.dtype}, got {x.dtype}")
+        if x.device != ref.device:
+            raise ValueError(f"{name} expects device {ref.device}, got {x.device}")
