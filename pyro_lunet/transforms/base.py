@@ -59,6 +59,9 @@ class VersionedCacheModule(TransformModule):
         self._cache_key: tuple | None = None
         self._derived: dict[str, tuple[tuple, object]] = {}
 
+    # Module's repr (with extra_repr) rather than Transform's bare "Name()".
+    __repr__ = torch.nn.Module.__repr__
+
     def _state_key(self) -> tuple:
         return (
             torch.is_grad_enabled(),

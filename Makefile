@@ -1,0 +1,41 @@
+# Set-up and the two jobs of the README. `make demo` / `make test` create the
+# virtual environment .venv on first use.
+#
+# TORCH_SPEC pins torch only for this environment (the package itself asks for
+# torch>=2.1): on the project's machines torch==2.13.0 is a local CPU wheel,
+# where an unpinned `torch` would download a multi-GB CUDA build. Override it
+# elsewhere, e.g. `make test TORCH_SPEC=torch`.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/pyro-lunet demo
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/bench_layers.py --json benchmarks/results/bench_layers.json
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff format --check . && $(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV)

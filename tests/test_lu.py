@@ -1,0 +1,84 @@
+"""LU-specific behaviour beyond the contract suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyro_lunet import LULinear, lu_linear
+from pyro_lunet.transforms.lu import _block_bounds, _LUProduct
+
+
+@pytest.mark.parametrize("product", ["forward", "inverse"])
+def test_init_from_matrix_reproduces_it(product):
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64) + 6 * torch.eye(6, dtype=torch.float64)
+    layer = lu_linear(6, init=a, product=product).double()
+    torch.testing.assert_close(layer.weight(), a)
+    torch.testing.assert_close(layer.log_abs_det(), torch.linalg.slogdet(a)[1])
+
+
+def test_init_from_matrix_needing_pivoting_is_refused():
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    with pytest.raises(ValueError, match="pivot"):
+        lu_linear(2, init=swap)
+    with pytest.raises(ValueError, match=r"\(3, 3\)"):
+        lu_linear(3, init=torch.eye(2))
+
+
+def test_orthogonal_init_is_orthogonal_and_identity_init_is_identity():
+    w = lu_linear(32, init="orthogonal").double().weight()
+    torch.testing.assert_close(w @ w.T, torch.eye(32, dtype=w.dtype), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lu_linear(8).weight(), torch.eye(8))
+
+
+def test_negative_diagonal_signs_are_kept():
+    a = torch.diag(torch.tensor([2.0, -3.0, 0.5], dtype=torch.float64))
+    layer = lu_linear(3, init=a).double()
+    torch.testing.assert_close(layer.weight(), a)
+    assert layer.diag_sign.tolist() == [1.0, -1.0, 1.0]
+
+
+@pytest.mark.parametrize("bad", [dict(product="sideways"), dict(init="random")])
+def test_bad_keywords_are_value_errors(bad):
+    with pytest.raises(ValueError):
+        LULinear(4, **bad)
+
+
+@pytest.mark.parametrize("dim", [1, 127, 300, 1030])
+def test_blocked_product_and_its_gradients_match_dense_autograd(dim):
+    """The structure-skipping kernel against plain autograd through L @ U."""
+    torch.manual_seed(dim)
+    layer = lu_linear(dim, init="orthogonal").double()
+    with torch.no_grad():
+        layer.packed.add_(0.05 * torch.randn_like(layer.packed))
+    x = torch.randn(7, dim, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(7, dim, dtype=torch.float64)
+    y = _LUProduct.apply(x, layer.packed, layer.diag_sign)
+    gx, gp = torch.autograd.grad(y, (x, layer.packed), g)
+    lower, upper = layer.lower_upper()
+    y_ref = x @ (lower @ upper).T
+    gx_ref, gp_ref = torch.autograd.grad(y_ref, (x, layer.packed), g)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gp, gp_ref)
+
+
+def test_block_bounds_cover_the_dimension():
+    for dim in (1, 5, 128, 129, 1000, 4096):
+        b = _block_bounds(dim)
+        assert b[0] == 0 and b[-1] == dim and all(s < e for s, e in zip(b, b[1:]))
+
+
+def test_no_grad_product_is_memoized_until_parameters_change():
+    layer = lu_linear(5, init="orthogonal")
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        y1 = layer(x)
+        first = layer._derived["lu_t"][1]
+        layer(x.clone())
+        assert layer._derived["lu_t"][1] is first
+        layer.packed.add_(0.1)
+        y2 = layer(x.clone())
+        assert layer._derived["lu_t"][1] is not first
+    assert not torch.allclose(y1, y2)
