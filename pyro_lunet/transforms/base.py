@@ -220,12 +220,14 @@ class InvertibleLinear(VersionedCacheModule):
 
     def _inverse(self, y: Tensor) -> Tensor:
         self._check_input(y)
-        x = self._batched(self._solve, y)
         if self.bias is None:
-            return x
-        # W^-1 (y - b) = W^-1 y - W^-1 b: the bias's gradient then needs one
-        # matrix-vector solve instead of the gradient of the whole batch.
-        return x - self._solve(self.bias.unsqueeze(0)).squeeze(0)
+            return self._batched(self._solve, y)
+        if y.requires_grad or not self.bias.requires_grad:
+            return self._batched(self._solve, y - self.bias)
+        # Data that needs no gradient (a density model's first layer): with
+        # W^-1 (y - b) = W^-1 y - W^-1 b the bias's gradient takes one
+        # matrix-vector solve instead of a gradient for the whole batch.
+        return self._batched(self._solve, y) - self._solve(self.bias.unsqueeze(0)).squeeze(0)
 
     def _batched(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         if x.dim() == 2:

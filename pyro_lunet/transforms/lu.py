@@ -158,10 +158,11 @@ class LULinear(InvertibleLinear):
 
     # Rows of LU x and (LU)^-1 y; the direction decides which serves _matvec.
     def _product(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
-            return _LUProduct.apply(x, self.packed, self.diag_sign)
-        lu_t = self._memo("lu_t", lambda: torch.mm(*self.lower_upper()).T)
-        return x @ lu_t
+        if not torch.is_grad_enabled():
+            return x @ self._memo("lu_t", lambda: torch.mm(*self.lower_upper()).T)
+        if self.input_dim < 2 * _BLOCK_MIN:  # one block: plain autograd is leaner
+            return x @ torch.mm(*self.lower_upper()).T
+        return _LUProduct.apply(x, self.packed, self.diag_sign)
 
     def _triangular_solve(self, y: Tensor) -> Tensor:
         lower, upper = self.lower_upper()
