@@ -38,7 +38,13 @@ import pyro.distributions as dist
 import torch
 
 import pyro_lunet
-from pyro_lunet import lu_linear, rank_one_updated_linear
+from pyro_lunet import (
+    butterfly_linear,
+    circulant_diagonal_linear,
+    lu_linear,
+    rank_one_updated_linear,
+    self_normalizing_linear,
+)
 
 # -------------------------------------------------------------------- ours
 # Row name -> factory ``D -> TransformModule``. A family joins with a line.
@@ -46,6 +52,10 @@ OURS: dict[str, Callable[[int], torch.nn.Module]] = {
     "lu[product=forward]": partial(lu_linear, product="forward"),
     "lu[product=inverse]": partial(lu_linear, product="inverse"),
     "rank_one": rank_one_updated_linear,
+    "butterfly": butterfly_linear,
+    "circulant": circulant_diagonal_linear,
+    "self_normalizing[exact=inverse]": partial(self_normalizing_linear, exact="inverse"),
+    "self_normalizing[exact=forward]": partial(self_normalizing_linear, exact="forward"),
 }
 
 
@@ -54,7 +64,8 @@ class Target:
     """A goal: ``time(row, task) <= max_ratio * time(versus, versus_task)`` at ``dim``.
 
     ``versus`` may be a row name or ``"fastest peer"`` (the fastest of the
-    peers on ``versus_task``).
+    peers on ``versus_task``); ``versus_dim`` (default ``dim``) compares
+    against another dimension's time, e.g. a row's own growth with D.
     """
 
     label: str
@@ -64,6 +75,7 @@ class Target:
     versus: str
     versus_task: str
     max_ratio: float
+    versus_dim: int | None = None
 
 
 TARGETS: list[Target] = [
@@ -81,6 +93,14 @@ TARGETS: list[Target] = [
            "nflows", "density", 0.6),
     Target("rank-one guide step vs nflows step", "rank_one", "guide", 1024,
            "nflows", "density", 0.6),
+    Target("butterfly density step vs nflows step", "butterfly", "density", 1024,
+           "nflows", "density", 0.2),
+    Target("butterfly density step growth from D=1024", "butterfly",
+           "density", 4096, "butterfly", "density", 6.0, versus_dim=1024),
+    Target("circulant density step vs nflows step", "circulant", "density", 1024,
+           "nflows", "density", 1 / 8),
+    Target("circulant density step growth from D=1024", "circulant",
+           "density", 4096, "circulant", "density", 6.0, versus_dim=1024),
 ]  # fmt: skip
 
 TASKS = ("density", "guide", "sample", "score")
@@ -114,13 +134,19 @@ class PyroRunner(Runner):
         self.name, self.module = name, module
         base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
         self.flow = dist.TransformedDistribution(base, [module])
+        # Layers whose training needs a penalty in the loss (SNF's
+        # reconstruction term) get it, as a user's loop would add it.
+        self.penalized = any(callable(getattr(m, "penalty", None)) for m in module.modules())
+
+    def _penalty(self):
+        return pyro_lunet.penalty(self.module) if self.penalized else 0.0
 
     def density_loss(self, x):
-        return -self.flow.log_prob(x).mean()
+        return -self.flow.log_prob(x).mean() + self._penalty()
 
     def guide_loss(self, batch):
         y = self.flow.rsample((batch,))
-        return (self.flow.log_prob(y) - _normal_log_prob(y)).mean()
+        return (self.flow.log_prob(y) - _normal_log_prob(y)).mean() + self._penalty()
 
     def no_grad_sample(self, batch):
         return self.flow.sample((batch,))
@@ -341,6 +367,9 @@ def check_targets(results) -> list[tuple[Target, float | None, bool | None]]:
             versus = min(peer_times) if peer_times else None
         else:
             versus = times[target.versus_task].get(target.versus)
+        if target.versus_dim is not None:
+            other = results["dims"].get(target.versus_dim)
+            versus = other["times"][target.versus_task].get(target.versus) if other else None
         if versus is None:
             outcomes.append((target, None, None))
             continue

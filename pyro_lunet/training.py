@@ -1,4 +1,19 @@
-"""Training-loop helpers shared by every family."""
+"""Training-loop helpers shared by every family.
+
+Some layers need the training loop's cooperation: a penalty added to the loss
+(self-normalizing layers' reconstruction term, rank-one-updated layers' range
+penalty) and maintenance between optimizer steps (rank-one-updated layers'
+merges and drift corrections). The helpers here do both for whatever layers a
+module tree holds, so a loop never needs to know which families are inside:
+
+* :func:`penalty`: every layer's penalty in a module tree, to add to a loss;
+* :class:`Maintenance`: every family's between-steps work, ``step()`` after
+  each optimizer step of a plain PyTorch loop;
+* :class:`PenalizedELBO`: an ELBO that adds the penalties of the model and
+  guide and runs the maintenance itself, for unmodified ``pyro.infer.SVI``
+  with ``pyro.optim`` (or a PyTorch loop through ``elbo(model, guide)``);
+* :func:`fit_density`: maximum-likelihood fitting of a flow to data.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +21,45 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyro.distributions as dist
 import torch
+from pyro.infer import ELBO, Trace_ELBO
+from pyro.optim import PyroOptim
 
-__all__ = ["FitResult", "fit_density", "penalty", "standard_normal"]
+from .rank_one_scheduler import RankOneScheduler
+
+__all__ = [
+    "FitResult",
+    "Maintenance",
+    "PenalizedELBO",
+    "fit_density",
+    "penalty",
+    "standard_normal",
+]
+
+Modules = torch.nn.Module | Iterable[torch.nn.Module]
 
 
-def penalty(module: torch.nn.Module) -> torch.Tensor:
+def _roots(module: Modules) -> list[torch.nn.Module]:
+    roots = [module] if isinstance(module, torch.nn.Module) else list(module)
+    bad = [m for m in roots if not isinstance(m, torch.nn.Module)]
+    if bad:
+        raise ValueError(f"expected a torch.nn.Module or modules, got {type(bad[0]).__name__}")
+    return roots
+
+
+def _unique_modules(roots: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    found: dict[int, torch.nn.Module] = {}
+    for root in roots:
+        for sub in root.modules():
+            found.setdefault(id(sub), sub)
+    return list(found.values())
+
+
+def penalty(module: Modules) -> torch.Tensor:
     """The sum of every layer's training penalty inside ``module``'s tree.
 
     A layer takes part by defining ``penalty() -> Tensor`` (for instance a
@@ -22,18 +67,23 @@ def penalty(module: torch.nn.Module) -> torch.Tensor:
     layer's range penalty). Layers without one contribute nothing, so any
     loop may write ``loss = nll + pyro_lunet.penalty(flow)``.
 
-    :returns: a 0-dim tensor on the module's device and dtype (zero when no
+    :param module: a ``torch.nn.Module``, or several (each layer counted once).
+    :returns: a 0-dim tensor on the modules' device and dtype (zero when no
         layer has a penalty).
     """
+    modules = _unique_modules(_roots(module))
     total = None
-    for sub in module.modules():
+    for sub in modules:
         term = getattr(sub, "penalty", None)
         if callable(term):
             value = term()
             total = value if total is None else total + value
     if total is not None:
         return total
-    ref = next((t for t in module.parameters() if t.is_floating_point()), torch.zeros(()))
+    ref = next(
+        (t for m in modules for t in m.parameters(recurse=False) if t.is_floating_point()),
+        torch.zeros(()),
+    )
     return ref.new_zeros(())
 
 
@@ -43,12 +93,221 @@ def standard_normal(dim: int, like: torch.Tensor) -> dist.Distribution:
     return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
 
 
+class Maintenance:
+    """Every layer family's work between optimizer steps, for a module tree.
+
+    Call :meth:`step` once after every optimizer step. Today this runs the
+    merges and drift corrections of rank-one-updated layers (through
+    :class:`~pyro_lunet.RankOneScheduler`, which also drops the optimizer
+    state of each freshly redrawn :math:`v`); the other families need none
+    (self-normalizing layers only need :func:`penalty` in the loss). Layers are
+    looked up at each step, so a guide that builds its transform on its first
+    call may be handed over before that, and a tree without such layers costs
+    nothing.
+
+    A plain PyTorch loop::
+
+        opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+        maintenance = Maintenance(flow, opt)
+        for x in batches:
+            loss = -model.log_prob(x).mean() + pyro_lunet.penalty(flow)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            maintenance.step()
+
+    :param module: a ``torch.nn.Module`` or several, holding the layers.
+    :param optimizer: the ``torch.optim.Optimizer`` or ``pyro.optim.PyroOptim``
+        stepping their parameters, or ``None`` (optimizer state is then kept
+        across merges).
+    :param rank_one: keywords for :class:`~pyro_lunet.RankOneScheduler`
+        (``merge_every``, ``force_every``, ``correct_every``...).
+    """
+
+    def __init__(
+        self,
+        module: Modules,
+        optimizer: torch.optim.Optimizer | PyroOptim | None = None,
+        **rank_one,
+    ):
+        self.schedulers = [RankOneScheduler(_roots(module), optimizer, **rank_one)]
+
+    def step(self) -> None:
+        """Counts one optimizer step and does whatever work is due."""
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def state_dict(self) -> dict:
+        """The schedulers' counters, for checkpoints."""
+        return {"schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what :meth:`state_dict` saved."""
+        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
+
+
+class PenalizedELBO(ELBO):
+    r"""An ELBO plus every layer's penalty, with the layers' maintenance run for you.
+
+    Wraps any Pyro ELBO (``Trace_ELBO()`` by default). Its losses are the
+    wrapped ELBO's plus :func:`penalty` of the model and the guide (whichever
+    are ``torch.nn.Module``\ s, e.g. an ``AutoNormalizingFlow`` guide), so
+    self-normalizing layers get their reconstruction term and rank-one-updated
+    layers their range penalty. Each gradient-taking call
+    (:meth:`loss_and_grads`, :meth:`differentiable_loss`) first runs the
+    :class:`Maintenance` of the previous optimizer step when the parameters
+    have changed since the last such call: the merges and corrections of
+    rank-one-updated layers happen once per optimizer step, and before the
+    next gradient, exactly as if run right after the step. (They never
+    change the map a layer represents, so one left pending after the last step
+    changes nothing.) Nothing else is needed: unmodified ``SVI`` and
+    ``pyro.optim``::
+
+        guide = AutoNormalizingFlow(model, partial(coupling_flow, layer="rank_one"))
+        optim = pyro.optim.Adam({"lr": 1e-2})
+        elbo = PenalizedELBO(Trace_ELBO(num_particles=8, vectorize_particles=True), optim)
+        svi = SVI(model, guide, optim, loss=elbo)
+        for _ in range(1000):
+            svi.step(data)
+
+    or a PyTorch loop through Pyro's ``elbo(model, guide)`` module::
+
+        loss_fn = PenalizedELBO(Trace_ELBO(), optimizer=None)(model, guide)
+        loss_fn(data)                      # builds the guide's parameters
+        opt = torch.optim.Adam(loss_fn.parameters(), lr=1e-2)
+        loss_fn.elbo.set_optimizer(opt)    # so merges reset v's moments
+        for _ in range(1000):
+            opt.zero_grad()
+            loss_fn(data).backward()
+            opt.step()
+
+    The penalties are added as the layers define them (their own weights),
+    next to an ELBO that sums over the data; :meth:`loss` includes them too,
+    ``self.elbo.loss`` is the bare ELBO.
+
+    :param elbo: the wrapped ELBO.
+    :param optimizer: the ``PyroOptim`` or ``torch.optim.Optimizer`` stepping
+        the parameters, whose state for a redrawn :math:`v` is dropped after a
+        merge; ``None`` keeps all optimizer state.
+    :param modules: more modules whose layers take part (beyond the model and
+        guide).
+    :param maintenance: keywords for :class:`Maintenance`.
+    """
+
+    def __init__(
+        self,
+        elbo: ELBO | None = None,
+        optimizer: torch.optim.Optimizer | PyroOptim | None = None,
+        modules: Iterable[torch.nn.Module] = (),
+        **maintenance,
+    ):
+        if elbo is None:
+            elbo = Trace_ELBO()
+        if not isinstance(elbo, ELBO):
+            raise ValueError(f"elbo must be a pyro.infer.ELBO, got {type(elbo).__name__}")
+        # No ELBO.__init__: every ELBO setting is the wrapped one's.
+        self.elbo = elbo
+        self.optimizer = optimizer
+        self.modules = _roots(list(modules))
+        self._maintenance_kwargs = maintenance
+        Maintenance([], optimizer, **maintenance)  # validates the keywords now
+        self.maintenance: Maintenance | None = None
+        self._fingerprint: tuple | None = None
+
+    def __getattr__(self, name):
+        # ELBO settings (num_particles, max_plate_nesting...) read through.
+        if name == "elbo":
+            raise AttributeError(name)
+        return getattr(self.elbo, name)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        return self.elbo._get_trace(model, guide, args, kwargs)
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | PyroOptim | None) -> None:
+        """Sets the optimizer whose state merges reset (e.g. one built after the guide)."""
+        self.optimizer = optimizer
+        if self.maintenance is not None:
+            for scheduler in self.maintenance.schedulers:
+                scheduler.optimizer = optimizer
+
+    def _roots(self, model, guide) -> list[torch.nn.Module]:
+        found = [m for m in (model, guide) if isinstance(m, torch.nn.Module)]
+        return found + self.modules
+
+    def _penalty(self, model, guide) -> torch.Tensor | None:
+        roots = self._roots(model, guide)
+        return penalty(roots) if roots else None
+
+    def _fingerprint_of(self, roots) -> tuple:
+        params = {id(p): p for m in roots for p in m.parameters()}.values()
+        return tuple((p._version, p.data_ptr()) for p in params)
+
+    def _maintain(self, model, guide) -> None:
+        """Runs the maintenance due since the last gradient call, if parameters changed."""
+        roots = self._roots(model, guide)
+        if not roots:
+            return
+        if self.maintenance is None:
+            self.maintenance = Maintenance(roots, self.optimizer, **self._maintenance_kwargs)
+        else:
+            for scheduler in self.maintenance.schedulers:
+                scheduler.roots = roots
+        fingerprint = self._fingerprint_of(roots)
+        if self._fingerprint is not None and fingerprint != self._fingerprint:
+            self.maintenance.step()
+
+    def _remember(self, model, guide) -> None:
+        roots = self._roots(model, guide)
+        if roots:
+            self._fingerprint = self._fingerprint_of(roots)
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The wrapped ELBO's loss plus the penalties, as a float (no gradients, no maintenance)."""
+        value = self.elbo.loss(model, guide, *args, **kwargs)
+        extra = self._penalty(model, guide)
+        return value if extra is None else value + extra.detach().item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Maintenance if due, then one backward pass of the wrapped ELBO's
+        differentiable loss plus the penalties (for an ELBO without
+        ``differentiable_loss``, its ``loss_and_grads`` and a second backward
+        pass of the penalties). Returns the loss as a float."""
+        if getattr(self.elbo, "differentiable_loss", None) is not None:
+            loss = self.differentiable_loss(model, guide, *args, **kwargs)
+            if loss.requires_grad:
+                loss.backward(retain_graph=bool(self.elbo.retain_graph))
+            return loss.detach().item()
+        self._maintain(model, guide)
+        value = self.elbo.loss_and_grads(model, guide, *args, **kwargs)
+        extra = self._penalty(model, guide)
+        self._remember(model, guide)
+        if extra is None:
+            return value
+        if extra.requires_grad:
+            extra.backward()
+        return value + extra.detach().item()
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """Maintenance if due (with grad enabled), then the wrapped ELBO's differentiable
+        loss plus the penalties."""
+        if torch.is_grad_enabled():
+            self._maintain(model, guide)
+        value = self.elbo.differentiable_loss(model, guide, *args, **kwargs)
+        extra = self._penalty(model, guide)
+        if torch.is_grad_enabled():
+            self._remember(model, guide)
+        return value if extra is None else value + extra
+
+
 @dataclass
 class FitResult:
     """What :func:`fit_density` returns.
 
     ``model`` is the fitted ``TransformedDistribution`` (its flow holds the
-    best validation checkpoint); ``history`` has one entry per epoch.
+    best validation checkpoint, in eval mode); ``history`` has one entry per
+    epoch under ``"train_nll"`` (mean over the epoch's batches, in nats) and
+    ``"val_nll"`` (held-out, eval mode).
     """
 
     model: dist.TransformedDistribution
@@ -70,32 +329,70 @@ def fit_density(
 ) -> FitResult:
     """Fits ``TransformedDistribution(N(0, I), flow)`` to ``data``'s rows by maximum likelihood.
 
-    Adam on ``-log p(x)`` (nats) plus :func:`penalty` of the flow, with a
-    held-out split, the best validation state kept and restored at the end,
-    and a one-line progress display with the live NLL. Runs on the device and
-    dtype of ``data`` (the flow must already be there).
+    Adam on ``-log p(x)`` (nats) plus :func:`penalty` of the flow, with the
+    flow's :class:`Maintenance` after every optimizer step, so every layer
+    family trains correctly without further code. A held-out split
+    (``val_fraction`` of the rows) is scored in eval mode after each epoch; the
+    best state is kept and restored at the end. ``progress`` shows a one-line
+    bar on stderr with the live training NLL (refreshed a few times a second)
+    and the last validation NLL. Runs on the device and dtype of ``data``;
+    the flow must already be there.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_lunet import activation_flow, fit_density
+        >>> data = torch.randn(500, 2) @ torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+        >>> result = fit_density(activation_flow(2, 1, "rank_one", role="density"),
+        ...                      data, epochs=3, progress=False)
+        >>> len(result.history["val_nll"])
+        3
 
     :param flow: a transform from base noise to data (``log_prob`` runs its
-        inverse).
+        inverse), e.g. a builder's flow with ``role="density"``.
     :param data: ``(N, D)`` rows.
+    :param int epochs: passes over the training rows.
+    :param int batch_size: rows per optimizer step.
+    :param float lr: Adam's learning rate.
+    :param float val_fraction: the held-out share, in (0, 1).
+    :param int seed: seeds the split and the batch order (not the flow).
+    :param bool progress: whether to draw the progress bar.
     :returns: a :class:`FitResult`.
     """
-    if data.dim() != 2:
-        raise ValueError(f"data must have shape (N, D), got {tuple(data.shape)}")
+    if not isinstance(data, torch.Tensor) or data.dim() != 2:
+        shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+        raise ValueError(f"data must be a tensor of shape (N, D), got {shape}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    params = list(flow.parameters())
+    if not params:
+        raise ValueError("flow has no parameters to fit")
+    wrong = next((p for p in params if p.device != data.device or p.dtype != data.dtype), None)
+    if wrong is not None:
+        raise ValueError(
+            f"flow parameters must be on data's device and dtype ({data.device}, {data.dtype}), "
+            f"got ({wrong.device}, {wrong.dtype}); move the flow with .to(data)"
+        )
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(data.shape[0], generator=gen).to(data.device)
     num_val = max(1, int(round(val_fraction * data.shape[0])))
+    if num_val >= data.shape[0]:
+        raise ValueError(f"need more rows than the held-out split, got {data.shape[0]}")
     val, train = data[order[:num_val]], data[order[num_val:]]
     model = dist.TransformedDistribution(standard_normal(data.shape[1], data), flow)
-    optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    maintenance = Maintenance(flow, optimizer)
     history: dict[str, list[float]] = {"train_nll": [], "val_nll": []}
     best = (math.inf, -1, copy.deepcopy(flow.state_dict()))
+    bar = _Progress(epochs) if progress else None
     start = time.perf_counter()
     for epoch in range(epochs):
         flow.train()
-        total, count = 0.0, 0
+        total, count = data.new_zeros(()), 0
         perm = torch.randperm(train.shape[0], generator=gen).to(data.device)
         for batch in train[perm].split(batch_size):
             nll = -model.log_prob(batch).mean()
@@ -103,29 +400,58 @@ def fit_density(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += nll.detach() * batch.shape[0]
+            maintenance.step()
+            total = total + nll.detach() * batch.shape[0]
             count += batch.shape[0]
-        flow.eval()
-        with torch.no_grad():
-            val_nll = -model.log_prob(val).mean().item()
+            if bar is not None and bar.due():
+                bar.show(epoch, (total / count).item())
+        val_nll = _mean_nll(model, flow, val, 4 * batch_size)
         history["train_nll"].append((total / count).item())
         history["val_nll"].append(val_nll)
         if val_nll < best[0]:
             best = (val_nll, epoch, copy.deepcopy(flow.state_dict()))
-        if progress:
-            _progress(epoch + 1, epochs, history["train_nll"][-1], val_nll)
+        if bar is not None:
+            bar.show(epoch + 1, history["train_nll"][-1], val_nll)
     flow.load_state_dict(best[2])
     flow.eval()
-    if progress:
-        sys.stderr.write("\n")
+    if bar is not None:
+        bar.close()
     return FitResult(model, best[0], best[1], history, time.perf_counter() - start)
 
 
-def _progress(done: int, total: int, train_nll: float, val_nll: float) -> None:
-    width = 24
-    filled = round(width * done / total)
-    bar = "#" * filled + "." * (width - filled)
-    sys.stderr.write(
-        f"\r[{bar}] epoch {done}/{total}  train NLL {train_nll:.4f}  val NLL {val_nll:.4f} nats"
-    )
-    sys.stderr.flush()
+def _mean_nll(model, flow, rows: torch.Tensor, chunk: int) -> float:
+    """Mean ``-log p`` of ``rows`` in eval mode, in chunks; the flow's mode is restored."""
+    was_training = flow.training
+    flow.eval()
+    with torch.no_grad():
+        total = sum(-model.log_prob(part).sum() for part in rows.split(chunk))
+    flow.train(was_training)
+    return (total / rows.shape[0]).item()
+
+
+class _Progress:
+    """A one-line progress bar on stderr, redrawn at most every ``interval`` seconds."""
+
+    def __init__(self, epochs: int, interval: float = 0.25, width: int = 24):
+        self.epochs, self.interval, self.width = epochs, interval, width
+        self.val_nll: float | None = None
+        self.last = -math.inf
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last >= self.interval
+
+    def show(self, done: int, train_nll: float, val_nll: float | None = None) -> None:
+        self.last = time.perf_counter()
+        if val_nll is not None:
+            self.val_nll = val_nll
+        filled = round(self.width * done / self.epochs)
+        bar = "#" * filled + "." * (self.width - filled)
+        val = "" if self.val_nll is None else f"  val NLL {self.val_nll:.4f}"
+        sys.stderr.write(
+            f"\r[{bar}] epoch {done}/{self.epochs}  train NLL {train_nll:.4f}{val} nats "
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()

@@ -19,11 +19,55 @@ from hypothesis import strategies as st
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormalizingFlow
 
-from pyro_lunet import leaky_softplus, lu_linear, lu_net
+from pyro_lunet import (
+    SelfNormalizingLinear,
+    butterfly_linear,
+    circulant_diagonal_linear,
+    leaky_softplus,
+    lu_linear,
+    lu_net,
+    rank_one_updated_linear,
+    self_normalizing_linear,
+)
 from tests.contract import Case, forward, inverse, jacobian, total_log_det
+
+
+def _merge_rank_one_updates(module, rounds=3):
+    """Folds a few random rank-one updates into A, leaving a last one unmerged."""
+    with torch.no_grad():
+        for _ in range(rounds):
+            module.merge_()
+            module.u.copy_(torch.randn_like(module.u) / (2 * module.input_dim**0.5))
+
+
+_BUTTERFLY_DIMS = (1, 2, 3, 5, 7, 16, 64, 100)
 
 CASES = [
     Case("lu", partial(lu_linear, init="orthogonal")),
+    # Odd and prime D pass coordinates through; block_levels=2 chains several
+    # grouped products; num_levels=2 leaves low bits unmixed.
+    Case("butterfly", partial(butterfly_linear, init="orthogonal"), dims=_BUTTERFLY_DIMS),
+    Case(
+        "butterfly-groups-nobias",
+        partial(butterfly_linear, init="rotation", block_levels=2, bias=False),
+        dims=_BUTTERFLY_DIMS,
+        guide=False,  # the same map as "butterfly", grouped differently
+    ),
+    Case(
+        "butterfly-partial",
+        lambda d: butterfly_linear(d, num_levels=min(2, (d - 1).bit_length()), block_levels=1),
+        dims=_BUTTERFLY_DIMS,
+        guide=False,  # at the guide test's D = 4 this is the full butterfly
+    ),
+    Case("circulant", circulant_diagonal_linear, dims=(1, 2, 3, 4, 5, 16, 64)),
+    Case("circulant-m3", partial(circulant_diagonal_linear, num_factors=3, init="orthogonal")),
+    # One D C D's signs are fixed at init: from random ones it may not reach the
+    # SVI target's covariance (from the identity it does, as "circulant" shows).
+    Case(
+        "circulant-nobias",
+        partial(circulant_diagonal_linear, init="orthogonal", bias=False),
+        guide=False,
+    ),
     Case("lu-inverse", partial(lu_linear, init="orthogonal", product="inverse")),
     Case("lu-nobias", partial(lu_linear, init="orthogonal", bias=False)),
     Case("lu-net", partial(lu_net, num_blocks=2), linear=False),
@@ -32,6 +76,43 @@ CASES = [
         partial(lu_net, num_blocks=2, product="inverse"),
         linear=False,
         guide=False,  # the density-model orientation
+    ),
+    # Without merges one layer only reaches A + u v^T: its SVI fit, with a
+    # RankOneScheduler, is in tests/test_rank_one.py.
+    Case("rank-one", rank_one_updated_linear, guide=False),
+    Case(
+        "rank-one-merged",
+        partial(rank_one_updated_linear, init="reverse"),
+        prepare=_merge_rank_one_updates,
+        guide=False,
+    ),
+    Case(
+        "rank-one-merged-nobias",
+        partial(rank_one_updated_linear, bias=False),
+        prepare=_merge_rank_one_updates,
+        guide=False,
+    ),
+    # SNF: the exact solve on the fast side makes round trips exact; the
+    # perturbed W gets R = W^-1 and an exact log-det anchor back by prepare.
+    # SNF trains only with its reconstruction penalty in the loss, which
+    # plain Trace_ELBO lacks: its SVI fits are in tests/test_self_normalizing.py.
+    Case(
+        "self-normalizing",
+        partial(self_normalizing_linear, exact="forward", approximate=False),
+        prepare=SelfNormalizingLinear.sync_inverse,
+        guide=False,
+    ),
+    Case(
+        "self-normalizing-inverse",
+        partial(self_normalizing_linear, exact="inverse", approximate=False),
+        prepare=SelfNormalizingLinear.sync_inverse,
+        guide=False,
+    ),
+    Case(
+        "self-normalizing-approx-nobias",
+        partial(self_normalizing_linear, exact="inverse", bias=False),
+        prepare=SelfNormalizingLinear.sync_inverse,
+        guide=False,
     ),
     Case("leaky-softplus", lambda d: leaky_softplus(0.1), linear=False, has_parameters=False),
     Case(

@@ -1,0 +1,246 @@
+"""Butterfly layers: grouped products against level-by-level and against nflows' dense LU.
+
+For D in ``--dims`` and a batch of B (float32), times, interleaved round robin
+(median of ``--repeats`` rounds):
+
+* ``density``: a density-model training step, ``-TransformedDistribution.log_prob``
+  of a data batch then backward (for nflows ``LULinear``: its data-to-noise
+  ``forward`` and the same loss);
+* ``guide``: ``rsample`` of B draws, their ``log q``, backward;
+* ``score`` / ``sample``: the two directions under ``no_grad``;
+
+for ``ButterflyLinear`` at several ``block_levels`` (levels per dense block),
+the same layer applied one level at a time (reshape + elementwise ops per
+level, the straightforward implementation) and nflows' ``LULinear``. Then
+prints the speed-ups over nflows, the growth of each row's density step from
+the smallest to the largest D, and parameter counts.
+
+Run ``python benchmarks/bench_butterfly.py`` (``--quick`` for a smoke run).
+On a shared machine, ``--threads 1 --cpu-time`` times the process's CPU
+time, which other processes disturb far less than the wall clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import pyro.distributions as dist
+import torch
+
+from pyro_lunet import ButterflyLinear, lu_linear
+
+TASKS = ("density", "guide", "score", "sample")
+
+
+class LevelByLevel(ButterflyLinear):
+    """The same map, one level at a time: a full pass over the batch per level."""
+
+    def _levels(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        plan = self._plan
+        n, dim = x.shape
+        x = torch.nn.functional.pad(x, (0, plan.padded - dim))
+        grid = self._grid(inverse)
+        low = plan.padded.bit_length() - 1 - self.num_levels
+        rows = range(self.num_levels)
+        for r in reversed(rows) if inverse else rows:
+            stride = 1 << (low + r)
+            e = grid[r].view(plan.padded // (2 * stride), 1, stride, 4)
+            pairs = x.view(n, plan.padded // (2 * stride), 2, stride).transpose(0, 1)
+            x0, x1 = pairs[:, :, 0], pairs[:, :, 1]
+            y0 = e[..., 0] * x0 + e[..., 1] * x1
+            y1 = e[..., 2] * x0 + e[..., 3] * x1
+            x = torch.stack((y0, y1), 2).transpose(0, 1).reshape(n, plan.padded)
+        return x[:, :dim]
+
+    def _matvec(self, x):
+        return self._levels(x, inverse=False)
+
+    def _solve(self, y):
+        return self._levels(y, inverse=True)
+
+    def _inverse(self, y):
+        self._check_input(y)
+        x = self._batched(self._solve, y)
+        return x if self.bias is None else x - self._solve(self.bias.unsqueeze(0)).squeeze(0)
+
+
+def _ours(dim: int, block_levels_list) -> dict[str, torch.nn.Module]:
+    rows = {
+        f"butterfly[block_levels={k}]": ButterflyLinear(dim, block_levels=k, init="orthogonal")
+        for k in block_levels_list
+    }
+    rows["butterfly level-by-level"] = LevelByLevel(dim, init="orthogonal")
+    return rows
+
+
+def _normal_log_prob(z):
+    return -0.5 * (z.pow(2).sum(-1) + z.shape[-1] * math.log(2 * math.pi))
+
+
+def _task_fns(module, dim, batch, inputs):
+    """The four tasks for a Pyro transform."""
+    base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
+    flow = dist.TransformedDistribution(base, [module])
+    params = list(module.parameters())
+    state = {"i": 0}
+
+    def data():
+        state["i"] += 1
+        return inputs[state["i"] % len(inputs)]
+
+    def step(loss):
+        for p in params:
+            p.grad = None
+        loss.backward()
+
+    def guide():
+        y = flow.rsample((batch,))
+        step((flow.log_prob(y) - _normal_log_prob(y)).mean())
+
+    @torch.no_grad()
+    def score():
+        flow.log_prob(data())
+
+    @torch.no_grad()
+    def sample():
+        flow.sample((batch,))
+
+    return {
+        "density": lambda: step(-flow.log_prob(data()).mean()),
+        "guide": guide,
+        "score": score,
+        "sample": sample,
+    }
+
+
+def _nflows_fns(dim, batch, inputs):
+    from nflows.transforms import LULinear
+
+    m = LULinear(dim, identity_init=True)
+    params = list(m.parameters())
+    state = {"i": 0}
+
+    def data():
+        state["i"] += 1
+        return inputs[state["i"] % len(inputs)]
+
+    def step(loss):
+        for p in params:
+            p.grad = None
+        loss.backward()
+
+    def density():
+        z, ladj = m.forward(data())  # nflows: data to noise
+        step(-(_normal_log_prob(z) + ladj).mean())
+
+    def guide():
+        eps = torch.randn(batch, dim)
+        y, ladj = m.inverse(eps)
+        step((_normal_log_prob(eps) - ladj - _normal_log_prob(y)).mean())
+
+    @torch.no_grad()
+    def score():
+        z, ladj = m.forward(data())
+        _normal_log_prob(z) + ladj
+
+    @torch.no_grad()
+    def sample():
+        m.inverse(torch.randn(batch, dim))
+
+    fns = {"density": density, "guide": guide, "score": score, "sample": sample}
+    return fns, sum(p.numel() for p in params)
+
+
+def _measure(fns, repeats, min_seconds, clock=time.perf_counter):
+    loops = {}
+    for name, fn in fns.items():
+        fn()
+        start = clock()
+        fn()
+        loops[name] = max(1, math.ceil(min_seconds / max(clock() - start, 1e-6)))
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = clock()
+            for _ in range(loops[name]):
+                fn()
+            samples[name].append((clock() - start) / loops[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run(dims, batch, repeats, min_seconds, block_levels_list, clock=time.perf_counter):
+    fns, params, rows = {}, {}, []
+    for dim in dims:
+        torch.manual_seed(0)
+        inputs = [torch.randn(batch, dim) for _ in range(2)]
+        for name, module in _ours(dim, block_levels_list).items():
+            for task, fn in _task_fns(module, dim, batch, inputs).items():
+                fns[(dim, name, task)] = fn
+            params[(dim, name)] = sum(p.numel() for p in module.parameters())
+            if name not in rows:
+                rows.append(name)
+        peer, count = _nflows_fns(dim, batch, inputs)
+        for task, fn in peer.items():
+            fns[(dim, "nflows LULinear", task)] = fn
+        params[(dim, "nflows LULinear")] = count
+    rows.append("nflows LULinear")
+    # Interleave everything, so a busy machine slows all rows alike.
+    times = _measure(fns, repeats, min_seconds, clock)
+    for dim in dims:
+        dense = sum(p.numel() for p in lu_linear(dim).parameters())
+        print(f"\nD={dim}, B={batch}, float32: ms (speed-up over nflows LULinear on the same task)")
+        print(
+            f"{'layer':32s}"
+            + "".join(f"{t:>20s}" for t in TASKS)
+            + f"{'params':>10s}{'% dense':>9s}"
+        )
+        for name in rows:
+            cells = []
+            for task in TASKS:
+                t = times[(dim, name, task)]
+                ref = times[(dim, "nflows LULinear", task)]
+                cells.append(f"{t * 1e3:9.2f} ({ref / t:5.1f}x)")
+            count = params[(dim, name)]
+            print(
+                f"{name:32s}"
+                + "".join(f"{c:>20s}" for c in cells)
+                + f"{count:>10d}{100 * count / dense:>8.2f}%"
+            )
+    if len(dims) > 1:
+        lo, hi = min(dims), max(dims)
+        print(f"\nGrowth of each step from D={lo} to D={hi} (time at {hi} / time at {lo}):")
+        for name in rows:
+            cells = [
+                f"{task} {times[(hi, name, task)] / times[(lo, name, task)]:5.2f}x"
+                for task in TASKS
+            ]
+            print(f"  {name:32s}" + "   ".join(cells))
+    return times
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--min-seconds", type=float, default=0.05)
+    parser.add_argument("--block-levels", type=int, nargs="+", default=[3, 4, 5, 6])
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--cpu-time", action="store_true", help="time CPU time, not wall time")
+    parser.add_argument("--quick", action="store_true", help="small dims, few repeats")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.dims, args.batch, args.repeats, args.min_seconds = [16, 100], 64, 2, 0.005
+    torch.set_default_dtype(torch.float32)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock.__name__}")
+    run(args.dims, args.batch, args.repeats, args.min_seconds, args.block_levels, clock)
+
+
+if __name__ == "__main__":
+    main()

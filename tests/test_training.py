@@ -1,0 +1,209 @@
+"""Training helpers: fit_density, Maintenance, PenalizedELBO with SVI and torch loops."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from functools import partial
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormalizingFlow
+
+from pyro_lunet import (
+    Maintenance,
+    PenalizedELBO,
+    RankOneUpdatedLinear,
+    SelfNormalizingLinear,
+    activation_flow,
+    coupling_flow,
+    fit_density,
+    penalty,
+)
+
+logging.getLogger("pyro").setLevel(logging.WARNING)
+MIX = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [-0.5, 0.3, 0.4]], dtype=torch.float64)
+
+
+def gaussian_rows(n: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=gen, dtype=torch.float64) @ MIX.T + torch.tensor(
+        [1.0, -1.0, 0.5], dtype=torch.float64
+    )
+
+
+def _split(data, val_fraction, seed):
+    """The split fit_density makes (same generator use)."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(data.shape[0], generator=gen)
+    num_val = max(1, int(round(val_fraction * data.shape[0])))
+    return data[order[num_val:]], data[order[:num_val]]
+
+
+def test_fit_density_history_checkpoint_and_progress(capsys):
+    torch.manual_seed(0)
+    data = gaussian_rows(600)
+    flow = activation_flow(3, 1, layer="lu", role="density").to(torch.float64)
+    result = fit_density(flow, data, epochs=4, batch_size=100, lr=2e-2, val_fraction=0.2)
+    hist = result.history
+    assert len(hist["train_nll"]) == len(hist["val_nll"]) == 4
+    assert result.best_val_nll == min(hist["val_nll"])
+    assert result.best_epoch == hist["val_nll"].index(result.best_val_nll)
+    assert hist["train_nll"][-1] < hist["train_nll"][0]
+    # The returned model holds the best checkpoint, in eval mode.
+    assert not flow.training
+    _, val = _split(data, 0.2, 0)
+    with torch.no_grad():
+        val_nll = -result.model.log_prob(val).mean().item()
+    assert val_nll == pytest.approx(result.best_val_nll, abs=1e-10)
+    err = capsys.readouterr().err
+    assert "train NLL" in err and "val NLL" in err and "epoch 4/4" in err
+
+
+def test_fit_density_checks_inputs():
+    flow = activation_flow(3, 0, role="density")  # float32
+    with pytest.raises(ValueError, match="device and dtype"):
+        fit_density(flow, gaussian_rows(50), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        fit_density(flow, torch.zeros(5), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="val_fraction"):
+        fit_density(flow, torch.zeros(5, 3), val_fraction=1.0, progress=False)
+
+
+@pytest.mark.slow
+def test_fit_density_merges_rank_one_layers_to_the_mle():
+    """A single layer's maximum-likelihood fit is the sample mean and covariance.
+
+    A rank-one-updated layer gets there only through merges (``u v^T`` alone
+    is rank one), which fit_density must run unasked.
+    """
+    torch.manual_seed(0)
+    data = gaussian_rows(2000)
+    flow = activation_flow(3, 0, layer="rank_one", role="density").to(torch.float64)
+    result = fit_density(flow, data, epochs=40, batch_size=200, lr=5e-2, progress=False)
+    layer = flow.parts[0]
+    train, _ = _split(data, 0.1, 0)
+    w = layer.weight().detach()
+    assert not torch.allclose(layer.A, torch.eye(3, dtype=layer.A.dtype))  # merged
+    assert torch.allclose(layer.bias.detach(), train.mean(0), atol=0.05)
+    assert torch.allclose(w @ w.T, torch.cov(train.T, correction=0), atol=0.1)
+    assert result.best_val_nll < result.history["val_nll"][0] - 1.0
+
+
+def test_fit_density_adds_the_self_normalizing_penalty():
+    torch.manual_seed(0)
+    flow = activation_flow(3, 1, layer="self_normalizing", role="density").to(torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # SNF warns when a backward misses its penalty
+        fit_density(flow, gaussian_rows(400), epochs=2, batch_size=100, lr=1e-3, progress=False)
+    for layer in (flow.parts[0], flow.parts[2]):
+        assert torch.allclose(layer.R @ layer.W, torch.eye(3, dtype=layer.W.dtype), atol=1e-2)
+
+
+# ------------------------------------------------------------------------ SVI
+def model3():
+    pyro.sample(
+        "z", dist.MultivariateNormal(torch.tensor([1.0, -1.0, 0.5]), MIX.float() @ MIX.float().T)
+    )
+
+
+def test_penalized_elbo_adds_every_penalty():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoNormalizingFlow(
+        model3, partial(activation_flow, num_blocks=1, layer="self_normalizing")
+    )
+    optim = pyro.optim.Adam({"lr": 1e-2})
+    elbo = PenalizedELBO(Trace_ELBO(num_particles=4, vectorize_particles=True), optim)
+    svi = SVI(model3, guide, optim, elbo)
+    for _ in range(5):
+        svi.step()
+    pyro.set_rng_seed(1)
+    total = elbo.differentiable_loss(model3, guide)
+    extra = penalty(guide)
+    pyro.set_rng_seed(1)
+    bare = elbo.elbo.differentiable_loss(model3, guide)  # the wrapped ELBO alone
+    assert extra.item() > 0
+    assert total.item() == pytest.approx(bare.item() + extra.item(), rel=1e-5)
+    assert elbo.num_particles == 4  # settings read through
+
+
+def _rank_one_guide():
+    return AutoNormalizingFlow(model3, partial(activation_flow, num_blocks=0, layer="rank_one"))
+
+
+def test_penalized_elbo_runs_maintenance_once_per_svi_step():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = _rank_one_guide()
+    optim = pyro.optim.Adam({"lr": 2e-2})
+    elbo = PenalizedELBO(
+        Trace_ELBO(num_particles=4, vectorize_particles=True), optim, merge_every=5
+    )
+    svi = SVI(model3, guide, optim, elbo)
+    for _ in range(21):
+        svi.step()
+    scheduler = elbo.maintenance.schedulers[0]
+    # Step k's maintenance runs before step k+1's gradient: 20 of 21 so far.
+    assert scheduler.num_steps == 20 and scheduler.num_rounds == 4
+    layer = guide.transform.parts[0]
+    assert isinstance(layer, RankOneUpdatedLinear)
+    assert not torch.allclose(layer.A, torch.eye(3))  # merges happened
+    svi.evaluate_loss()  # no gradient, no maintenance
+    assert scheduler.num_steps == 20
+
+
+@pytest.mark.slow
+def test_penalized_elbo_in_a_torch_loop_fits_the_gaussian():
+    """Pyro's ``elbo(model, guide)`` module with a torch optimizer: merges reset v's moments."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = _rank_one_guide()
+    loss_fn = PenalizedELBO(Trace_ELBO(num_particles=8, vectorize_particles=True))(model3, guide)
+    loss_fn()  # builds the guide's parameters
+    opt = torch.optim.Adam(loss_fn.parameters(), lr=2e-2)
+    loss_fn.elbo.set_optimizer(opt)
+    for _ in range(500):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    layer = guide.transform.parts[0].eval()
+    scheduler = loss_fn.elbo.maintenance.schedulers[0]
+    assert scheduler.num_steps == 499 and scheduler.optimizer is opt
+    w = layer.weight().detach()
+    target = MIX.float() @ MIX.float().T
+    assert torch.allclose(w @ w.T, target, atol=0.1)
+    assert torch.allclose(layer.bias.detach(), torch.tensor([1.0, -1.0, 0.5]), atol=0.1)
+
+
+def test_maintenance_in_a_plain_loop_and_checkpoint():
+    torch.manual_seed(0)
+    flow = coupling_flow(3, 1, layer="rank_one", role="density")
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    maintenance = Maintenance(flow, opt, merge_every=2)
+    model = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), flow)
+    data = gaussian_rows(64).float()
+    for _ in range(4):
+        loss = -model.log_prob(data).mean() + penalty(flow)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        maintenance.step()
+    assert maintenance.state_dict() == {"schedulers": [{"num_steps": 4, "num_rounds": 2}]}
+    fresh = Maintenance(flow, opt)
+    fresh.load_state_dict(maintenance.state_dict())
+    assert fresh.schedulers[0].num_rounds == 2
+
+
+def test_penalty_of_several_modules_counts_each_layer_once():
+    layer = SelfNormalizingLinear(3).train()
+    layer(torch.randn(4, 3, requires_grad=True))
+    layer.inv(torch.randn(4, 3))  # exact side: records the reconstruction input
+    value = layer.penalty()
+    assert torch.allclose(penalty([layer, torch.nn.ModuleList([layer])]), value)
+    assert penalty(torch.nn.Linear(2, 2)).item() == 0.0
+    with pytest.raises(ValueError, match="torch.nn.Module"):
+        penalty([layer, "x"])
