@@ -196,7 +196,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=0.3, help="per timed measurement")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
-    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--reconstruction-weight", type=float, default=1.0)
     parser.add_argument("--quick", action="store_true", help="small sizes, few epochs")

@@ -56,3 +56,21 @@ def test_with_cache_shares_parameters():
     assert view.packed is layer.packed
     x = torch.randn(2, 3)
     assert view(x) is not view(x)
+
+
+def test_updates_through_data_by_an_optimizer_invalidate_the_caches():
+    """Pyro's ClippedAdam writes through ``p.data``, which leaves ``_version`` alone."""
+    import pyro.optim
+
+    layer = lu_linear(4, init="orthogonal")
+    x = torch.randn(3, 4)
+    optim = pyro.optim.ClippedAdam({"lr": 0.1})
+    with torch.no_grad():
+        before = layer(x)
+    layer(torch.randn(3, 4)).sum().backward()
+    optim([layer.packed, layer.bias])
+    with torch.no_grad():
+        after = layer(x)
+        expected = x @ layer.weight().T + layer.bias
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected)

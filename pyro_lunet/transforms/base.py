@@ -17,6 +17,7 @@ import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import constraints
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["InvertibleLinear", "VersionedCacheModule", "check_choice", "check_input_dim"]
 
@@ -35,6 +36,19 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+# Some optimizers write through ``p.data`` (Pyro's ClippedAdam does), which
+# leaves ``p._version`` unchanged; counting every torch optimizer step (Pyro's
+# optimizers wrap torch's) keys the caches on those updates too.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class VersionedCacheModule(TransformModule):
     """A :class:`~pyro.distributions.TransformModule` whose caches cannot go stale.
 
@@ -42,8 +56,9 @@ class VersionedCacheModule(TransformModule):
     tensor identity alone, so ``TransformedDistribution.log_prob`` of a fresh
     ``rsample`` skips the inverse. Here a hit also needs the module's tensors
     unchanged (same ``_version`` and storage: optimizer steps,
-    ``load_state_dict`` and merges all bump the version) and the same grad and
-    train/eval modes, and a backward pass through the cached result (which
+    ``load_state_dict`` and merges all bump the version), no optimizer step
+    taken since (for optimizers that write through ``.data``), the same grad
+    and train/eval modes, and a backward pass through the cached result (which
     frees its graph) forgets it. So full-batch training on one data tensor
     needs no ``clear_cache()`` calls (pyro#2542), and a result computed under
     ``no_grad`` is never handed to a call that needs its graph.
@@ -66,8 +81,13 @@ class VersionedCacheModule(TransformModule):
         return (
             torch.is_grad_enabled(),
             self.training,
-            *((t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers())),
+            _optimizer_steps[0],
+            *((t._version, t.data_ptr()) for t in self._keyed_tensors()),
         )
+
+    def _keyed_tensors(self) -> list[Tensor]:
+        """The tensors whose in-place changes invalidate the caches."""
+        return [*self.parameters(), *self.buffers()]
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._cache_size == 0:

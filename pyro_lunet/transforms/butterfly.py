@@ -125,7 +125,7 @@ def _group_matrices(grid: Tensor, plan: _Plan, inverse: bool) -> list[Tensor]:
 
 # ----------------------------------------------------------- the products
 class _GroupChain(torch.autograd.Function):
-    r"""Rows ``(N, D)`` times the groups' block-diagonal matrices, one ``bmm`` each.
+    r"""Rows ``(N, D)`` times the groups' block-diagonal matrices, one ``bmm`` each, plus ``shift``.
 
     The data live feature-major, ``(padded, N)``, between groups: every
     group's blocks then meet matrices ``(K, N)`` with unit stride along the
@@ -139,12 +139,15 @@ class _GroupChain(torch.autograd.Function):
 
     ``forward`` applies the groups lowest bits first (:math:`W`); the
     inverse direction applies the inverse groups highest bits first
-    (:math:`W^{-1}`). The backward pass is two ``bmm`` per group on the
+    (:math:`W^{-1}`). The optional ``shift`` (a bias) is added in the last
+    pass over the output. The backward pass is two ``bmm`` per group on the
     saved buffers.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, plan: _Plan, inverse: bool, *mats: Tensor) -> Tensor:
+    def forward(
+        ctx, x: Tensor, shift: Tensor | None, plan: _Plan, inverse: bool, *mats: Tensor
+    ) -> Tensor:
         n, dim = x.shape
         padded, inner, sizes = plan.padded, plan.inner, plan.sizes
         groups = len(sizes)
@@ -163,7 +166,10 @@ class _GroupChain(torch.autograd.Function):
                 saved.append(buf)
                 buf = x.new_empty(padded, n)
                 torch.bmm(mats[i], src, out=buf.view(size, rest, n).transpose(0, 1))
-            out = buf[:dim].t().contiguous()
+            if shift is None:
+                out = buf[:dim].t().contiguous()
+            else:  # the shift rides along with the transposition
+                out = torch.add(buf[:dim].t(), shift, out=x.new_empty(n, dim))
         else:
             buf = x.new_zeros(padded, n) if dim < padded else x.new_empty(padded, n)
             buf[:dim] = x.t()
@@ -182,6 +188,8 @@ class _GroupChain(torch.autograd.Function):
                     torch.bmm(mats[i], src, out=buf.view(rest, size, n))
             if out is None:
                 out = _from_inner_major(buf, plan)[:, :dim]
+            if shift is not None:
+                out.add_(shift)
         ctx.plan, ctx.inverse = plan, inverse
         ctx.save_for_backward(*mats, *saved)
         return out
@@ -211,7 +219,7 @@ class _GroupChain(torch.autograd.Function):
                     if (first and fused)
                     else saved[i].view(rest, size, n)
                 )
-                if ctx.needs_input_grad[3 + i]:
+                if ctx.needs_input_grad[4 + i]:
                     grads[i] = torch.bmm(g_out, src.transpose(1, 2))
                 if first and not need_x:
                     break
@@ -237,7 +245,7 @@ class _GroupChain(torch.autograd.Function):
                     _rows_view(full, rest, size) if (i == 0 and fused) else g.view(rest, size, n)
                 )
                 src = saved[groups - 1 - j].view(size, rest, n).transpose(0, 1)
-                if ctx.needs_input_grad[3 + i]:
+                if ctx.needs_input_grad[4 + i]:
                     grads[i] = torch.bmm(g_out, src.transpose(1, 2))
                 last = i == groups - 1
                 if last and not need_x:
@@ -246,7 +254,8 @@ class _GroupChain(torch.autograd.Function):
                 torch.bmm(mats[i].transpose(1, 2), g_out, out=g.view(size, rest, n).transpose(0, 1))
                 if last:
                     grad_x = g[:dim].t()
-        return (grad_x, None, None, *grads)
+        grad_shift = grad.sum(0) if ctx.needs_input_grad[1] else None
+        return (grad_x, grad_shift, None, None, *grads)
 
 
 def _rows_view(rows: Tensor, rest: int, size: int) -> Tensor:
@@ -466,10 +475,13 @@ class ButterflyLinear(InvertibleLinear):
             lambda: _group_matrices(self._grid(inverse), self._plan, inverse),
         )
 
-    def _product(self, x: Tensor, mats: list[Tensor], inverse: bool) -> Tensor:
+    def _product(
+        self, x: Tensor, mats: list[Tensor], inverse: bool, shift: Tensor | None = None
+    ) -> Tensor:
+        """Rows of ``M x + shift``, M the forward or inverse map."""
         if not mats:
-            return x.clone()
-        return _GroupChain.apply(x, self._plan, inverse, *mats)
+            return x.clone() if shift is None else x + shift
+        return _GroupChain.apply(x, shift, self._plan, inverse, *mats)
 
     def _matvec(self, x: Tensor) -> Tensor:
         return self._product(x, self._matrices(inverse=False), inverse=False)
@@ -477,15 +489,21 @@ class ButterflyLinear(InvertibleLinear):
     def _solve(self, y: Tensor) -> Tensor:
         return self._product(y, self._matrices(inverse=True), inverse=True)
 
+    # _call and _inverse do what the base class does, with the bias folded
+    # into the products' last pass (and, inverse, the blocks assembled once
+    # for both W^-1 y and W^-1 b).
+    def _call(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        mats = self._matrices(inverse=False)
+        return self._batched(lambda rows: self._product(rows, mats, False, self.bias), x)
+
     def _inverse(self, y: Tensor) -> Tensor:
-        # As the base class, W^-1 y - W^-1 b, but with the inverse blocks
-        # assembled once for both products.
         self._check_input(y)
         mats = self._matrices(inverse=True)
-        x = self._batched(lambda rows: self._product(rows, mats, inverse=True), y)
-        if self.bias is None:
-            return x
-        return x - self._product(self.bias.unsqueeze(0), mats, inverse=True).squeeze(0)
+        shift = None
+        if self.bias is not None:
+            shift = -self._product(self.bias.unsqueeze(0), mats, inverse=True).squeeze(0)
+        return self._batched(lambda rows: self._product(rows, mats, True, shift), y)
 
     def _log_abs_det(self) -> Tensor:
         return self.log_scale.sum()

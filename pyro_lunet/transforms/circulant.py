@@ -312,7 +312,9 @@ class CirculantDiagonalLinear(InvertibleLinear):
             return self.scale_sign * (-self.log_scale).exp(), self._half_spectra(-1.0, log_dim)
         return self.diagonals().flip(0), self._half_spectra(1.0, log_dim).flip(0)
 
-    def _chain(self, x: Tensor, inverse: bool, pre=None, post=None) -> Tensor:
+    def _chain(
+        self, x: Tensor, inverse: bool, pre: Tensor | None = None, post: Tensor | None = None
+    ) -> Tensor:
         if torch.is_grad_enabled():
             scales, spectra = self._chain_factors(inverse)
         else:
