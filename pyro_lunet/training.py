@@ -30,6 +30,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.optim import PyroOptim
 
 from .rank_one_scheduler import RankOneScheduler
+from .transforms.base import optimizer_step_count
 
 __all__ = [
     "FitResult",
@@ -240,8 +241,10 @@ class PenalizedELBO(ELBO):
         return penalty(roots) if roots else None
 
     def _fingerprint_of(self, roots) -> tuple:
+        # The optimizer-step count catches optimizers that write through
+        # ``p.data`` (Pyro's ClippedAdam), which leaves ``_version`` alone.
         params = {id(p): p for m in roots for p in m.parameters()}.values()
-        return tuple((p._version, p.data_ptr()) for p in params)
+        return (optimizer_step_count(), *((p._version, p.data_ptr()) for p in params))
 
     def _maintain(self, model, guide) -> None:
         """Runs the maintenance due since the last gradient call, if parameters changed."""

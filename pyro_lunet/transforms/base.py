@@ -46,6 +46,11 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _optimizer_steps[0] += 1
 
 
+def optimizer_step_count() -> int:
+    """How many ``torch.optim.Optimizer`` steps (Pyro's included) this process has taken."""
+    return _optimizer_steps[0]
+
+
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
@@ -81,7 +86,7 @@ class VersionedCacheModule(TransformModule):
         return (
             torch.is_grad_enabled(),
             self.training,
-            _optimizer_steps[0],
+            optimizer_step_count(),
             *((t._version, t.data_ptr()) for t in self._keyed_tensors()),
         )
 
