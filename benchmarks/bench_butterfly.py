@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import pyro.distributions as dist
 import torch
+from timing import median_times
 
 from pyro_lunet import ButterflyLinear, InvertibleLinear, lu_linear
 
@@ -153,23 +153,6 @@ def _nflows_fns(dim, batch, inputs):
     return fns, sum(p.numel() for p in params)
 
 
-def _measure(fns, repeats, min_seconds, clock=time.perf_counter):
-    loops = {}
-    for name, fn in fns.items():
-        fn()
-        start = clock()
-        fn()
-        loops[name] = max(1, math.ceil(min_seconds / max(clock() - start, 1e-6)))
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = clock()
-            for _ in range(loops[name]):
-                fn()
-            samples[name].append((clock() - start) / loops[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def run(dims, batch, repeats, min_seconds, block_levels_list, clock=time.perf_counter):
     fns, params, rows = {}, {}, []
     for dim in dims:
@@ -187,7 +170,7 @@ def run(dims, batch, repeats, min_seconds, block_levels_list, clock=time.perf_co
         params[(dim, "nflows LULinear")] = count
     rows.append("nflows LULinear")
     # Interleave everything, so a busy machine slows all rows alike.
-    times = _measure(fns, repeats, min_seconds, clock)
+    times = median_times(fns, repeats, min_seconds, clock)
     for dim in dims:
         dense = sum(p.numel() for p in lu_linear(dim).parameters())
         print(f"\nD={dim}, B={batch}, float32: ms (speed-up over nflows LULinear on the same task)")

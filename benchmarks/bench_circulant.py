@@ -21,31 +21,11 @@ is faster). Run ``python benchmarks/bench_circulant.py [--threads 1]``.
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from timing import median_times
 
 from pyro_lunet import circulant_diagonal_linear, lu_linear
-
-
-def _measure(fns: dict[str, Callable[[], object]], repeats: int, min_seconds: float):
-    loops = {}
-    for name, fn in fns.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        loops[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-7)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / loops[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def _layers(dim: int, num_factors: int):
@@ -81,8 +61,8 @@ def _measure_dim(dim, batch, num_factors, repeats, min_seconds):
         "dense": lambda: torch.linalg.slogdet(dense)[1],
     }
     return {
-        "inverse": _measure(inverses, repeats, min_seconds),
-        "log-det": _measure(log_dets, repeats, min_seconds),
+        "inverse": median_times(inverses, repeats, min_seconds),
+        "log-det": median_times(log_dets, repeats, min_seconds),
     }
 
 

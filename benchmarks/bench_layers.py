@@ -27,15 +27,14 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import pyro.distributions as dist
 import torch
+from timing import median_times
 
 import pyro_lunet
 from pyro_lunet import (
@@ -280,32 +279,9 @@ def _task_fn(runner: Runner, task: str, inputs: list[torch.Tensor]) -> Callable[
 SLOW_SECONDS = 1.0
 
 
-def _measure(fns: dict[str, Callable[[], None]], repeats: int, min_seconds: float):
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    loops = {}
-    for name, fn in fns.items():
-        fn()  # warm up
-        start = time.perf_counter()
-        fn()
-        once = time.perf_counter() - start
-        if once > SLOW_SECONDS:  # pathological (e.g. a matrix broadcast over the batch)
-            samples[name].append(once)
-        else:
-            loops[name] = max(1, math.ceil(min_seconds / max(once, 1e-6)))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if name not in loops:
-                continue
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / loops[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def _gemm_reference(dim: int, batch: int, repeats: int, min_seconds: float) -> float:
     x, w = torch.randn(batch, dim), torch.randn(dim, dim)
-    return _measure({"gemm": lambda: x @ w.T}, repeats, min_seconds)["gemm"]
+    return median_times({"gemm": lambda: x @ w.T}, repeats, min_seconds)["gemm"]
 
 
 def run(dims, batch, repeats, min_seconds, only=None, skip_slow_peers_above=512):
@@ -326,7 +302,7 @@ def run(dims, batch, repeats, min_seconds, only=None, skip_slow_peers_above=512)
         table = {}
         for task in TASKS:
             fns = {r.name: _task_fn(r, task, inputs) for r in runners}
-            table[task] = _measure(fns, repeats, min_seconds)
+            table[task] = median_times(fns, repeats, min_seconds, slow_seconds=SLOW_SECONDS)
         params = {r.name: sum(p.numel() for p in r.parameters()) for r in runners}
         gemm = _gemm_reference(dim, batch, repeats, min_seconds)
         results["dims"][dim] = {"times": table, "params": params, "gemm": gemm}

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import pyro.distributions as dist
 import torch
+from timing import median_times
 
 from pyro_lunet import RankOneScheduler, rank_one_updated_linear
 
@@ -122,23 +122,6 @@ def drift_table(dim, merges):
 CORRECT = "correct_ + slogdet (every 50 merges)"
 
 
-def _median_times(fns, repeats, min_seconds):
-    loops = {}
-    for name, fn in fns.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        loops[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / loops[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def cost_table(dim, batch, repeats, min_seconds):
     torch.manual_seed(0)
     layer = rank_one_updated_linear(dim)
@@ -193,7 +176,7 @@ def cost_table(dim, batch, repeats, min_seconds):
     fns[CORRECT] = correct
     x, w = torch.randn(batch, dim), torch.randn(dim, dim)
     fns["one B x D x D GEMM"] = lambda: x @ w.T
-    times = _median_times(fns, repeats, min_seconds)
+    times = median_times(fns, repeats, min_seconds)
     step = times["rank-one density step"]
     nflows = times.get("nflows LULinear density step")
     print(f"\nCost at D={dim}, B={batch}, float32, {torch.get_num_threads()} thread(s)")

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import pyro.distributions as dist
 import torch
+from timing import median_times
 
 import pyro_lunet
 from pyro_lunet import activation_flow, self_normalizing_linear
@@ -65,23 +65,6 @@ def _step_fn(dim, batch, snf: bool, optimizer_step: bool):
     return step
 
 
-def _median_times(fns: dict, repeats: int, min_seconds: float) -> dict:
-    loops = {}
-    for name, fn in fns.items():
-        fn()  # warm up
-        start = time.perf_counter()
-        fn()
-        loops[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / loops[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def speed(dims, batch, repeats, min_seconds):
     print(f"\nTraining step of one dense layer, float32, B={batch}, "
           f"{torch.get_num_threads()} threads: milliseconds")  # fmt: skip
@@ -96,7 +79,7 @@ def speed(dims, batch, repeats, min_seconds):
             for full in (True, False)
             for snf in (True, False)
         }
-        t = _median_times(fns, repeats, min_seconds)
+        t = median_times(fns, repeats, min_seconds)
         ratio = t[False, True] / t[True, True]
         ratios[dim] = ratio
         print(f"{dim:6d}{t[True, True] * 1e3:12.2f}{t[False, True] * 1e3:12.2f}{ratio:8.2f}x"
