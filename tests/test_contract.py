@@ -226,6 +226,13 @@ def test_bad_input_raises_clear_errors(case):
 
 # ---------------------------------------------------------------- training
 @pytest.mark.parametrize("case", TRAINABLE, ids=repr)
+def test_parameters_are_contiguous(case):
+    """Pyro's param store copies a non-contiguous Parameter: the module's own would never train."""
+    t = case.make(5)
+    assert all(p.is_contiguous() for p in t.parameters())
+
+
+@pytest.mark.parametrize("case", TRAINABLE, ids=repr)
 def test_every_parameter_gets_a_finite_gradient(case):
     dim = 5
     t = case.build(dim)
