@@ -23,16 +23,13 @@ time, which other processes disturb far less than the wall clock.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
-import pyro.distributions as dist
 import torch
+from bench_layers import TASKS, PyroRunner, _peers, _task_fn
 from timing import median_times
 
 from pyro_lunet import ButterflyLinear, InvertibleLinear, lu_linear
-
-TASKS = ("density", "guide", "score", "sample")
 
 
 class LevelByLevel(ButterflyLinear):
@@ -75,82 +72,9 @@ def _ours(dim: int, block_levels_list) -> dict[str, torch.nn.Module]:
     return rows
 
 
-def _normal_log_prob(z):
-    return -0.5 * (z.pow(2).sum(-1) + z.shape[-1] * math.log(2 * math.pi))
-
-
-def _task_fns(module, dim, batch, inputs):
-    """The four tasks for a Pyro transform."""
-    base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
-    flow = dist.TransformedDistribution(base, [module])
-    params = list(module.parameters())
-    state = {"i": 0}
-
-    def data():
-        state["i"] += 1
-        return inputs[state["i"] % len(inputs)]
-
-    def step(loss):
-        for p in params:
-            p.grad = None
-        loss.backward()
-
-    def guide():
-        y = flow.rsample((batch,))
-        step((flow.log_prob(y) - _normal_log_prob(y)).mean())
-
-    @torch.no_grad()
-    def score():
-        flow.log_prob(data())
-
-    @torch.no_grad()
-    def sample():
-        flow.sample((batch,))
-
-    return {
-        "density": lambda: step(-flow.log_prob(data()).mean()),
-        "guide": guide,
-        "score": score,
-        "sample": sample,
-    }
-
-
-def _nflows_fns(dim, batch, inputs):
-    from nflows.transforms import LULinear
-
-    m = LULinear(dim, identity_init=True)
-    params = list(m.parameters())
-    state = {"i": 0}
-
-    def data():
-        state["i"] += 1
-        return inputs[state["i"] % len(inputs)]
-
-    def step(loss):
-        for p in params:
-            p.grad = None
-        loss.backward()
-
-    def density():
-        z, ladj = m.forward(data())  # nflows: data to noise
-        step(-(_normal_log_prob(z) + ladj).mean())
-
-    def guide():
-        eps = torch.randn(batch, dim)
-        y, ladj = m.inverse(eps)
-        step((_normal_log_prob(eps) - ladj - _normal_log_prob(y)).mean())
-
-    @torch.no_grad()
-    def score():
-        z, ladj = m.forward(data())
-        _normal_log_prob(z) + ladj
-
-    @torch.no_grad()
-    def sample():
-        m.inverse(torch.randn(batch, dim))
-
-    fns = {"density": density, "guide": guide, "score": score, "sample": sample}
-    return fns, sum(p.numel() for p in params)
+def _task_fns(runner, inputs):
+    """The four tasks of the shared harness for one runner."""
+    return {task: _task_fn(runner, task, inputs) for task in TASKS}
 
 
 def run(dims, batch, repeats, min_seconds, block_levels_list, clock=time.perf_counter):
@@ -159,15 +83,15 @@ def run(dims, batch, repeats, min_seconds, block_levels_list, clock=time.perf_co
         torch.manual_seed(0)
         inputs = [torch.randn(batch, dim) for _ in range(2)]
         for name, module in _ours(dim, block_levels_list).items():
-            for task, fn in _task_fns(module, dim, batch, inputs).items():
+            for task, fn in _task_fns(PyroRunner(name, module, dim), inputs).items():
                 fns[(dim, name, task)] = fn
             params[(dim, name)] = sum(p.numel() for p in module.parameters())
             if name not in rows:
                 rows.append(name)
-        peer, count = _nflows_fns(dim, batch, inputs)
-        for task, fn in peer.items():
+        (nflows,) = [r for r in _peers(dim) if r.name == "nflows"]
+        for task, fn in _task_fns(nflows, inputs).items():
             fns[(dim, "nflows LULinear", task)] = fn
-        params[(dim, "nflows LULinear")] = count
+        params[(dim, "nflows LULinear")] = sum(p.numel() for p in nflows.parameters())
     rows.append("nflows LULinear")
     # Interleave everything, so a busy machine slows all rows alike.
     times = median_times(fns, repeats, min_seconds, clock)
