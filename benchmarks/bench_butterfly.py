@@ -26,10 +26,9 @@ import argparse
 import time
 
 import torch
-from bench_layers import TASKS, PyroRunner, _peers, _task_fn
-from timing import median_times
 
 from pyro_lunet import ButterflyLinear, InvertibleLinear, lu_linear
+from pyro_lunet.benchmark import TASKS, PyroRunner, median_times, peer_runners, task_fn
 
 
 class LevelByLevel(ButterflyLinear):
@@ -74,7 +73,7 @@ def _ours(dim: int, block_levels_list) -> dict[str, torch.nn.Module]:
 
 def _task_fns(runner, inputs):
     """The four tasks of the shared harness for one runner."""
-    return {task: _task_fn(runner, task, inputs) for task in TASKS}
+    return {task: task_fn(runner, task, inputs) for task in TASKS}
 
 
 def run(dims, batch, repeats, min_seconds, block_levels_list, clock=time.perf_counter):
@@ -88,7 +87,7 @@ def run(dims, batch, repeats, min_seconds, block_levels_list, clock=time.perf_co
             params[(dim, name)] = sum(p.numel() for p in module.parameters())
             if name not in rows:
                 rows.append(name)
-        (nflows,) = [r for r in _peers(dim) if r.name == "nflows"]
+        (nflows,) = [r for r in peer_runners(dim) if r.name == "nflows"]
         for task, fn in _task_fns(nflows, inputs).items():
             fns[(dim, "nflows LULinear", task)] = fn
         params[(dim, "nflows LULinear")] = sum(p.numel() for p in nflows.parameters())

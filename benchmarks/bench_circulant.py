@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import median_times
 
 from pyro_lunet import circulant_diagonal_linear, lu_linear
+from pyro_lunet.benchmark import median_times
 
 
 def _layers(dim: int, num_factors: int):

@@ -38,9 +38,9 @@ import time
 
 import pyro.distributions as dist
 import torch
-from timing import median_times
 
 from pyro_lunet import RankOneScheduler, rank_one_updated_linear
+from pyro_lunet.benchmark import median_times
 
 
 # ------------------------------------------------------------------- drift

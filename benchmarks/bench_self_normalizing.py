@@ -34,10 +34,10 @@ import time
 
 import pyro.distributions as dist
 import torch
-from timing import median_times
 
 import pyro_lunet
 from pyro_lunet import activation_flow, self_normalizing_linear
+from pyro_lunet.benchmark import median_times
 
 
 def _standard_normal(dim: int) -> dist.Distribution:

@@ -6,7 +6,15 @@ import math
 
 import torch
 
-__all__ = ["gaussian_mixture", "gaussian_mixture_log_prob", "moons", "checkerboard", "TOY_DATA"]
+__all__ = [
+    "DIGITS_SHAPE",
+    "TOY_DATA",
+    "checkerboard",
+    "digits",
+    "gaussian_mixture",
+    "gaussian_mixture_log_prob",
+    "moons",
+]
 
 _MIXTURE_RADIUS = 2.0
 _MIXTURE_SCALE = 0.25
@@ -62,6 +70,24 @@ def checkerboard(num_samples: int, seed: int | None = 0) -> torch.Tensor:
     offset = torch.randint(2, (num_samples,), generator=gen).float()
     y = torch.rand(num_samples, generator=gen) - offset * 2 + (torch.floor(x) % 2)
     return torch.stack([x, y], -1)
+
+
+#: The digits' image shape: 8 x 8 pixels, one of 17 grey levels each.
+DIGITS_SHAPE = (8, 8)
+
+
+def digits(seed: int | None = 0) -> torch.Tensor:
+    """scikit-learn's bundled 8 x 8 handwritten digits, dequantized: ``(1797, 64)``.
+
+    Each pixel is an integer grey level in 0..16; adding uniform noise in
+    [0, 1) (seeded) gives continuous values in [0, 17), whose density a flow
+    can fit without collapsing onto the integers (the standard
+    dequantization). No download: the images ship inside scikit-learn.
+    """
+    from sklearn.datasets import load_digits
+
+    levels = torch.from_numpy(load_digits().data).float()
+    return levels + torch.rand(levels.shape, generator=_generator(seed))
 
 
 TOY_DATA = {"gaussian-mixture": gaussian_mixture, "moons": moons, "checkerboard": checkerboard}

@@ -37,6 +37,8 @@ __all__ = [
     "Maintenance",
     "PenalizedELBO",
     "fit_density",
+    "log_prob_in_chunks",
+    "mean_nll",
     "penalty",
     "standard_normal",
 ]
@@ -310,7 +312,8 @@ class FitResult:
     ``model`` is the fitted ``TransformedDistribution`` (its flow holds the
     best validation checkpoint, in eval mode); ``history`` has one entry per
     epoch under ``"train_nll"`` (mean over the epoch's batches, in nats) and
-    ``"val_nll"`` (held-out, eval mode).
+    ``"val_nll"`` (held-out, eval mode); ``split`` holds the row indices of
+    the training and the held-out rows.
     """
 
     model: dist.TransformedDistribution
@@ -318,6 +321,7 @@ class FitResult:
     best_epoch: int
     history: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
+    split: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def fit_density(
@@ -408,7 +412,7 @@ def fit_density(
             count += batch.shape[0]
             if bar is not None and bar.due():
                 bar.show(epoch, (total / count).item())
-        val_nll = _mean_nll(model, flow, val, 4 * batch_size)
+        val_nll = mean_nll(model, val, 4 * batch_size)
         history["train_nll"].append((total / count).item())
         history["val_nll"].append(val_nll)
         if val_nll < best[0]:
@@ -419,17 +423,32 @@ def fit_density(
     flow.eval()
     if bar is not None:
         bar.close()
-    return FitResult(model, best[0], best[1], history, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return FitResult(model, best[0], best[1], history, seconds, (order[num_val:], order[:num_val]))
 
 
-def _mean_nll(model, flow, rows: torch.Tensor, chunk: int) -> float:
-    """Mean ``-log p`` of ``rows`` in eval mode, in chunks; the flow's mode is restored."""
-    was_training = flow.training
-    flow.eval()
-    with torch.no_grad():
-        total = sum(-model.log_prob(part).sum() for part in rows.split(chunk))
-    flow.train(was_training)
-    return (total / rows.shape[0]).item()
+def log_prob_in_chunks(model: dist.TransformedDistribution, rows: torch.Tensor,
+                       chunk: int = 4096) -> torch.Tensor:  # fmt: skip
+    """``model.log_prob(rows)`` in eval mode and without gradients, ``chunk`` rows at a time.
+
+    Eval mode gives every layer's exact log-determinant (SNF's is tracked in
+    training mode); each module's mode is restored afterwards.
+    """
+    modules = [m for t in model.transforms if isinstance(t, torch.nn.Module) for m in t.modules()]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([model.log_prob(part) for part in rows.split(chunk)])
+    finally:
+        for m, mode in zip(modules, modes):
+            m.training = mode
+
+
+def mean_nll(model: dist.TransformedDistribution, rows: torch.Tensor, chunk: int = 4096) -> float:
+    """Mean ``-log p`` of ``rows`` in nats, as :func:`log_prob_in_chunks` scores them."""
+    return -log_prob_in_chunks(model, rows, chunk).mean().item()
 
 
 class _Progress:

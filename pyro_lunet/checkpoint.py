@@ -1,0 +1,230 @@
+"""Density models the command line fits, saved so they rebuild exactly.
+
+A fitted model is ``TransformedDistribution(N(0, I), [flow, standardize])``:
+the flow maps base noise to standardized data and the fixed
+:class:`~pyro.distributions.transforms.AffineTransform` ``x = mean + scale * z``
+maps that to the data's own units, so ``log_prob`` and ``sample`` speak the
+data's units and the standardization's Jacobian (``-sum(log scale)``) is part
+of every log-density.
+
+A checkpoint is a folder holding ``config.json`` (what to build: the flow
+spec, the dimension, the standardization, versions) and ``model.pt`` (the
+flow's ``state_dict``, loaded with ``weights_only=True``). Folders are
+written whole or not at all: :func:`write_folder` fills a hidden sibling and
+renames it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions.torch_transform import ComposeTransformModule
+
+from .flows import LAYERS, activation_flow, coupling_flow
+from .training import standard_normal
+from .transforms.lu_net import lu_net
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "BUILDERS",
+    "CheckpointError",
+    "ModelConfig",
+    "build_model",
+    "load_model",
+    "parse_flow",
+    "write_folder",
+]
+
+CHECKPOINT_FORMAT = 1
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
+
+#: Flow builders by name: ``name -> (family, role-oriented builder(D, blocks, family))``.
+#: A spec is ``builder:family`` (``coupling:butterfly``) or a bare builder name
+#: (its default family, LU); ``lu-net`` is the paper's network.
+BUILDERS: dict[str, Callable[[int, int, str], ComposeTransformModule]] = {
+    "lu-net": lambda d, k, family: lu_net(d, k, product="inverse"),
+    "activation": lambda d, k, family: activation_flow(d, k, family, role="density"),
+    "coupling": lambda d, k, family: coupling_flow(d, k, family, role="density"),
+    "spline": lambda d, k, family: coupling_flow(d, k, family, role="density", coupling="spline"),
+}
+
+
+class CheckpointError(ValueError):
+    """A flow spec, checkpoint folder or output folder that cannot be used."""
+
+
+def _family_names() -> list[str]:
+    return [name.replace("_", "-") for name in LAYERS]
+
+
+def flow_names() -> list[str]:
+    """Every valid ``--flow`` value."""
+    specs = ["lu-net"]
+    for builder in BUILDERS:
+        if builder != "lu-net":
+            specs += [f"{builder}:{family}" for family in _family_names()]
+    return specs
+
+
+def parse_flow(spec: str) -> tuple[str, str]:
+    """``"coupling:rank-one"`` -> ``("coupling", "rank_one")``; a bare builder means LU.
+
+    :raises CheckpointError: for an unknown builder or family, listing the valid ones.
+    """
+    builder, _, family = spec.partition(":")
+    family = (family or "lu").replace("-", "_")
+    if builder not in BUILDERS or family not in LAYERS or (builder == "lu-net" and family != "lu"):
+        raise CheckpointError(
+            f"unknown flow {spec!r}; expected lu-net or BUILDER:FAMILY with BUILDER one of "
+            f"{', '.join(b for b in BUILDERS if b != 'lu-net')} and FAMILY one of "
+            f"{', '.join(_family_names())}"
+        )
+    return builder, family
+
+
+@dataclass
+class ModelConfig:
+    """Everything, besides the weights, that rebuilds a fitted model (``config.json``)."""
+
+    flow: str
+    blocks: int
+    input_dim: int
+    mean: list[float]
+    scale: list[float]
+    dtype: str = "float32"
+    image_shape: list[int] | None = None
+    data: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    format: int = CHECKPOINT_FORMAT
+
+    def to_json(self) -> str:
+        # Python's float repr round-trips float64 exactly, so the
+        # standardization rebuilds bit for bit.
+        return json.dumps(asdict(self), indent=2)
+
+
+def build_model(
+    config: ModelConfig, device: torch.device | str = "cpu"
+) -> tuple[dist.TransformedDistribution, ComposeTransformModule]:
+    """The model (in data units) and its trainable flow (in standardized units), fresh.
+
+    The flow's parameters start from the builder's initialization; load a
+    ``state_dict`` into the flow to restore a fit.
+    """
+    builder, family = parse_flow(config.flow)
+    dtype = getattr(torch, config.dtype)
+    flow = BUILDERS[builder](config.input_dim, config.blocks, family).to(device, dtype)
+    like = torch.empty((), device=device, dtype=dtype)
+    mean, scale = (like.new_tensor(v) for v in (config.mean, config.scale))
+    standardize = dist.transforms.AffineTransform(mean, scale, event_dim=1)
+    model = dist.TransformedDistribution(
+        standard_normal(config.input_dim, like), [flow, standardize]
+    )
+    return model, flow
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The checkpoint folder for ``path``: the folder itself or a file inside it."""
+    folder = Path(path)
+    if folder.is_file() and folder.name in (CONFIG_FILE, WEIGHTS_FILE):
+        folder = folder.parent
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(
+            f"{path}: not a checkpoint (expected a folder holding {CONFIG_FILE} and "
+            f"{WEIGHTS_FILE}, as `pyro-lunet fit` writes)"
+        )
+    return folder
+
+
+def load_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu"
+) -> tuple[dist.TransformedDistribution, ModelConfig]:
+    """Rebuilds a saved model exactly, in eval mode, on ``device``."""
+    folder = resolve(path)
+    try:
+        raw = json.loads((folder / CONFIG_FILE).read_text())
+        if raw.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{folder}: checkpoint format {raw.get('format')!r}, this version reads "
+                f"{CHECKPOINT_FORMAT}"
+            )
+        config = ModelConfig(**raw)
+        model, flow = build_model(config, device)
+        state = torch.load(folder / WEIGHTS_FILE, map_location=device, weights_only=True)
+        flow.load_state_dict(state)
+    except CheckpointError:
+        raise
+    except Exception as error:  # a damaged file can fail in any of torch.load's layers
+        raise CheckpointError(f"{folder}: damaged checkpoint ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0]})") from None  # fmt: skip
+    flow.eval()
+    return model, config
+
+
+def save_model(folder: Path, flow: torch.nn.Module, config: ModelConfig) -> None:
+    """Writes ``config.json`` and ``model.pt`` into ``folder`` (use inside :func:`write_folder`)."""
+    (folder / CONFIG_FILE).write_text(config.to_json())
+    torch.save(flow.state_dict(), folder / WEIGHTS_FILE)
+
+
+@contextmanager
+def write_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a hidden scratch folder that becomes ``out`` only if the block completes.
+
+    An existing ``out`` is refused unless ``overwrite``, and then replaced only
+    once the new contents are complete; an error or interruption leaves no
+    trace but the old folder.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists; pick another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield scratch
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
+            scratch.rename(out)
+            shutil.rmtree(old)
+        else:
+            scratch.rename(out)
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch)
+
+
+def write_file(out: str | os.PathLike, write: Callable[[Path], None], overwrite: bool) -> None:
+    """Calls ``write(scratch_path)`` and renames the result to ``out`` (atomic replace)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists; pick another name or pass --overwrite")
+    if out.is_dir():
+        raise CheckpointError(f"{out}: is a folder; expected a file name")
+    handle, scratch = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    os.close(handle)
+    try:
+        write(Path(scratch))
+        os.replace(scratch, out)
+    finally:
+        if os.path.exists(scratch):
+            os.remove(scratch)
+
+
+def free_name(base: str | os.PathLike) -> Path:
+    """``base`` if it does not exist, else the first free ``base-2``, ``base-3``, ..."""
+    base = Path(base)
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate

@@ -1,0 +1,205 @@
+"""Rows of numbers from a CSV, NPY or NPZ file or a built-in data set, checked.
+
+What the command line reads. Every way a file can be wrong (missing,
+unreadable, ragged, non-numeric, the wrong shape, NaN or infinite values) is a
+:class:`DataError` whose message names the file, the place and what was
+expected, so the command line can print it as one line.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import datasets
+
+__all__ = ["BUILT_IN", "DataError", "Rows", "check_width", "load_rows", "standardization"]
+
+
+class DataError(ValueError):
+    """A data source that cannot be read as rows of finite numbers."""
+
+
+@dataclass
+class Rows:
+    """Rows read from one source.
+
+    ``values`` is ``(N, D)`` float64 with every value finite; ``row_numbers``
+    gives each kept row's 0-based position in the source (rows with NaN or
+    infinite values may have been dropped); ``image_shape`` is set where a row
+    is a flattened image.
+    """
+
+    values: np.ndarray
+    source: str
+    row_numbers: np.ndarray
+    dropped: int = 0
+    image_shape: tuple[int, ...] | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.values.shape[1]
+
+
+def _digits(num_rows: int, seed: int) -> np.ndarray:
+    return datasets.digits(seed).double().numpy()
+
+
+def _toy(name: str):
+    def load(num_rows: int, seed: int) -> np.ndarray:
+        return datasets.TOY_DATA[name](num_rows, seed=seed).double().numpy()
+
+    return load
+
+
+#: Built-in data sets by name: ``name -> (loader(num_rows, seed), image shape)``.
+#: The toy sets draw ``num_rows`` rows; the digits are a fixed 1797.
+BUILT_IN = {
+    **{name: (_toy(name), None) for name in datasets.TOY_DATA},
+    "digits": (_digits, datasets.DIGITS_SHAPE),
+}
+
+
+def load_rows(
+    source: str, *, num_rows: int = 20000, seed: int = 0, drop_nonfinite: bool = False,
+    key: str | None = None,
+) -> Rows:  # fmt: skip
+    """Reads ``source``: a built-in name (:data:`BUILT_IN`) or a ``.csv``/``.npy``/``.npz`` path.
+
+    A CSV holds one row per line, comma-separated, optionally under one header
+    line of names. An NPY array (or an NPZ member, picked by ``key`` where the
+    archive holds several) is ``(N, D)``, or ``(N, H, W)`` images, which are
+    flattened and remembered as image-like. Rows holding NaN or infinite values
+    are refused, or dropped (and counted) with ``drop_nonfinite``.
+
+    :raises DataError: naming what is wrong and where.
+    """
+    if source in BUILT_IN:
+        load, image_shape = BUILT_IN[source]
+        values = load(num_rows, seed)
+        return Rows(values, source, np.arange(len(values)), image_shape=image_shape)
+    path = Path(source)
+    if not path.exists():
+        raise DataError(
+            f"{source}: no such file, and not a built-in data set (one of {', '.join(BUILT_IN)})"
+        )
+    if path.is_dir():
+        raise DataError(f"{source}: is a folder; expected a .csv, .npy or .npz file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            values, image_shape = _read_csv(path), None
+        elif suffix in (".npy", ".npz"):
+            values, image_shape = _read_array(path, key)
+        else:
+            raise DataError(f"{source}: unknown file type {suffix!r}; expected .csv, .npy or .npz")
+    except OSError as error:
+        raise DataError(f"{source}: cannot read: {error.strerror or error}") from None
+    return _finite_rows(values, source, image_shape, drop_nonfinite)
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    with path.open(newline="") as file:
+        try:
+            lines = [(number, row) for number, row in enumerate(csv.reader(file), 1) if row]
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise DataError(f"{path}: not a readable CSV file ({error})") from None
+    if lines and not any(_is_number(cell) for cell in lines[0][1]):
+        lines = lines[1:]  # a header of names
+    if not lines:
+        raise DataError(f"{path}: no rows of numbers")
+    width = len(lines[0][1])
+    values = np.empty((len(lines), width))
+    for i, (number, row) in enumerate(lines):
+        if len(row) != width:
+            raise DataError(f"{path}, line {number}: {len(row)} values, expected {width}")
+        for j, cell in enumerate(row):
+            try:
+                values[i, j] = float(cell)
+            except ValueError:
+                raise DataError(
+                    f"{path}, line {number}, column {j + 1}: {cell!r} is not a number"
+                ) from None
+    return values
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_array(path: Path, key: str | None) -> tuple[np.ndarray, tuple[int, ...] | None]:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as error:  # pickled objects, or not an array file at all
+        raise DataError(f"{path}: not a numeric NumPy file ({error})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            names = list(loaded.files)
+            if key is None and len(names) != 1:
+                raise DataError(f"{path}: holds arrays {names}; pick one with --key")
+            if key is not None and key not in names:
+                raise DataError(f"{path}: no array {key!r}; it holds {names}")
+            array = loaded[key or names[0]]
+    else:
+        array = loaded
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise DataError(f"{path}: expected a numeric array, got dtype {array.dtype}")
+    if np.iscomplexobj(array):
+        raise DataError(f"{path}: expected real numbers, got dtype {array.dtype}")
+    if array.ndim == 2:
+        return array.astype(np.float64), None
+    if array.ndim == 3:
+        return array.reshape(len(array), -1).astype(np.float64), tuple(array.shape[1:])
+    raise DataError(
+        f"{path}: expected an (N, D) array of rows or (N, H, W) images, got shape {array.shape}"
+    )
+
+
+def _finite_rows(values: np.ndarray, source: str, image_shape, drop_nonfinite: bool) -> Rows:
+    if values.shape[0] == 0 or values.shape[1] == 0:
+        raise DataError(f"{source}: no data (shape {values.shape})")
+    bad = ~np.isfinite(values).all(axis=1)
+    numbers = np.arange(len(values))
+    if bad.any():
+        count = int(bad.sum())
+        if not drop_nonfinite:
+            first = int(numbers[bad][0])
+            raise DataError(
+                f"{source}: {count} row{'s' * (count > 1)} hold NaN or infinite values "
+                f"(first: row {first + 1}); pass --drop-nonfinite to drop them"
+            )
+        values, numbers = values[~bad], numbers[~bad]
+        if len(values) == 0:
+            raise DataError(f"{source}: every row holds NaN or infinite values")
+    return Rows(values, source, numbers, int(bad.sum()), image_shape)
+
+
+def check_width(rows: Rows, expected: int, what: str) -> None:
+    """Refuses rows whose width is not ``expected`` (the width ``what`` takes)."""
+    if rows.dim != expected:
+        raise DataError(f"{rows.source}: rows have {rows.dim} values, but {what} takes {expected}")
+
+
+def standardization(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations; refuses constant columns.
+
+    A constant column has no density to fit (the likelihood grows without
+    bound as the model shrinks onto it), so it is an error, not a warning.
+    """
+    mean = rows.values.mean(0)
+    scale = rows.values.std(0)
+    constant = np.flatnonzero(~(scale > 0) | ~np.isfinite(scale))
+    if len(constant):
+        cols = ", ".join(str(c + 1) for c in constant[:5]) + (", ..." if len(constant) > 5 else "")
+        raise DataError(
+            f"{rows.source}: column{'s' * (len(constant) > 1)} {cols} constant; "
+            "a density over a constant column is degenerate: remove it"
+        )
+    return mean, scale
