@@ -112,10 +112,15 @@ def _read_csv(path: Path) -> np.ndarray:
     if not lines:
         raise DataError(f"{path}: no rows of numbers")
     width = len(lines[0][1])
-    values = np.empty((len(lines), width))
-    for i, (number, row) in enumerate(lines):
+    for number, row in lines:
         if len(row) != width:
             raise DataError(f"{path}, line {number}: {len(row)} values, expected {width}")
+    try:  # NumPy parses the strings in C; only a refusal needs the cell-by-cell pass
+        return np.array([row for _, row in lines], dtype=np.float64)
+    except ValueError:
+        pass
+    values = np.empty((len(lines), width))
+    for i, (number, row) in enumerate(lines):
         for j, cell in enumerate(row):
             try:
                 values[i, j] = float(cell)
