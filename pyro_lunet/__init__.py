@@ -1,5 +1,6 @@
 """pyro-lunet: structured invertible linear layers for normalizing flows in Pyro."""
 
+from . import datasets as datasets
 from .diagnostics import PSISDiagnostic, khat_reading, psis_khat, to_inference_data
 from .flows import LAYERS, activation_flow, coupling_flow, layer_factory
 from .rank_one_scheduler import RankOneScheduler
