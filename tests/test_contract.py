@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import weakref
 from functools import partial
 
 import pyro
@@ -413,3 +414,21 @@ def test_cuda(case):
     if case.has_parameters:
         with pytest.raises(ValueError, match="cuda"):
             t(data.cpu())
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.has_parameters], ids=lambda c: c.name)
+def test_training_on_fresh_batches_frees_each_batch(case):
+    """The pair cache holds the last batch only: no earlier one stays alive (no leak)."""
+    dim = case.dims[-1]
+    flow = case.make(dim).double()
+    model = dist.TransformedDistribution(_standard_normal(dim), [flow])
+    params = [p for p in flow.parameters() if p.requires_grad]
+    alive = []
+    for _ in range(3):
+        x = torch.randn(8, dim, dtype=torch.float64)
+        alive.append(weakref.ref(x))
+        (-model.log_prob(x).mean()).backward()
+        for p in params:
+            p.grad = None
+        del x
+    assert [ref() is None for ref in alive[:-1]] == [True, True]

@@ -77,6 +77,7 @@ class VersionedCacheModule(TransformModule):
     def __init__(self, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
         self._cache_key: tuple | None = None
+        self._cache_token: object | None = None
         self._derived: dict[str, tuple[tuple, object]] = {}
 
     # Module's repr (with extra_repr) rather than Transform's bare "Name()".
@@ -117,16 +118,19 @@ class VersionedCacheModule(TransformModule):
         return x
 
     def _remember(self, x: Tensor, y: Tensor, computed: Tensor, key: tuple) -> None:
-        pair = (x, y)
-        self._cached_x_y, self._cache_key = pair, key
+        token = object()  # names this pair without holding it
+        self._cached_x_y, self._cache_key, self._cache_token = (x, y), key, token
         if computed.requires_grad:
             # A backward pass through the computed tensor frees its graph: the
-            # pair must not be handed out again after that.
+            # pair must not be handed out again after that. The hook holds
+            # only a token and a weak reference: holding the pair would make
+            # a cycle through autograd's graph that Python's collector cannot
+            # see, and every fresh batch would leak its x and y.
             module = weakref.ref(self)
 
             def forget(grad: Tensor) -> None:
                 owner = module()
-                if owner is not None and owner._cached_x_y is pair:
+                if owner is not None and owner._cache_token is token:
                     owner._cached_x_y, owner._cache_key = (None, None), None
 
             computed.register_hook(forget)
