@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"pyro-lunet {args.command}"
     try:
         return args.run(args)
-    except (CommandError, DataError, CheckpointError) as error:
+    except (CommandError, DataError, CheckpointError, FloatingPointError) as error:
         message = str(error)
     except BrokenPipeError:  # stdout closed early, e.g. `pyro-lunet sample ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

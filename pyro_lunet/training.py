@@ -90,10 +90,12 @@ def penalty(module: Modules) -> torch.Tensor:
     return ref.new_zeros(())
 
 
-def standard_normal(dim: int, like: torch.Tensor) -> dist.Distribution:
+def standard_normal(
+    dim: int, like: torch.Tensor, validate_args: bool | None = None
+) -> dist.Distribution:
     """``N(0, I_dim)`` as a Pyro distribution with event dim 1, on ``like``'s device and dtype."""
     zero = like.new_zeros(dim)
-    return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
+    return dist.Normal(zero, torch.ones_like(zero), validate_args=validate_args).to_event(1)
 
 
 class Maintenance:
@@ -365,6 +367,8 @@ def fit_density(
     :param int seed: seeds the split and the batch order (not the flow).
     :param bool progress: whether to draw the progress bar.
     :returns: a :class:`FitResult`.
+    :raises FloatingPointError: when training diverges (the loss or the
+        parameters become NaN or infinite), naming the epoch.
     """
     if not isinstance(data, torch.Tensor) or data.dim() != 2:
         shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
@@ -390,7 +394,10 @@ def fit_density(
     if num_val >= data.shape[0]:
         raise ValueError(f"need more rows than the held-out split, got {data.shape[0]}")
     val, train = data[order[:num_val]], data[order[num_val:]]
-    model = dist.TransformedDistribution(standard_normal(data.shape[1], data), flow)
+    # Without validation a NaN from a diverging step reaches the loss, which
+    # is checked once an epoch, rather than failing deep inside Pyro.
+    base = standard_normal(data.shape[1], data, validate_args=False)
+    model = dist.TransformedDistribution(base, flow)
     optimizer = torch.optim.Adam(params, lr=lr)
     maintenance = Maintenance(flow, optimizer)
     history: dict[str, list[float]] = {"train_nll": [], "val_nll": []}
@@ -413,6 +420,8 @@ def fit_density(
             if bar is not None and bar.due():
                 bar.show(epoch, (total / count).item())
         val_nll = mean_nll(model, val, 4 * batch_size)
+        if not (math.isfinite(val_nll) and (total / count).isfinite()):
+            raise _diverged(epoch, lr)
         history["train_nll"].append((total / count).item())
         history["val_nll"].append(val_nll)
         if val_nll < best[0]:
@@ -425,6 +434,13 @@ def fit_density(
         bar.close()
     seconds = time.perf_counter() - start
     return FitResult(model, best[0], best[1], history, seconds, (order[num_val:], order[:num_val]))
+
+
+def _diverged(epoch: int, lr: float) -> FloatingPointError:
+    return FloatingPointError(
+        f"training diverged in epoch {epoch + 1}: the loss or the parameters became NaN or "
+        f"infinite; try a smaller learning rate than {lr:g}"
+    )
 
 
 def log_prob_in_chunks(model: dist.TransformedDistribution, rows: torch.Tensor,

@@ -209,3 +209,11 @@ def test_penalty_of_several_modules_counts_each_layer_once():
     assert penalty(torch.nn.Linear(2, 2)).item() == 0.0
     with pytest.raises(ValueError, match="torch.nn.Module"):
         penalty([layer, "x"])
+
+
+def test_fit_density_names_a_divergence():
+    torch.manual_seed(0)
+    flow = activation_flow(2, num_blocks=1, role="density")
+    data = torch.randn(200, 2)
+    with pytest.raises(FloatingPointError, match="diverged in epoch 1.*smaller learning rate"):
+        fit_density(flow, data, epochs=2, lr=1e30, progress=False)
