@@ -404,34 +404,36 @@ def fit_density(
     best = (math.inf, -1, copy.deepcopy(flow.state_dict()))
     bar = _Progress(epochs) if progress else None
     start = time.perf_counter()
-    for epoch in range(epochs):
-        flow.train()
-        total, count = data.new_zeros(()), 0
-        perm = torch.randperm(train.shape[0], generator=gen).to(data.device)
-        for batch in train[perm].split(batch_size):
-            nll = -model.log_prob(batch).mean()
-            loss = nll + penalty(flow)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            maintenance.step()
-            total = total + nll.detach() * batch.shape[0]
-            count += batch.shape[0]
-            if bar is not None and bar.due():
-                bar.show(epoch, (total / count).item())
-        val_nll = mean_nll(model, val, 4 * batch_size)
-        if not (math.isfinite(val_nll) and (total / count).isfinite()):
-            raise _diverged(epoch, lr)
-        history["train_nll"].append((total / count).item())
-        history["val_nll"].append(val_nll)
-        if val_nll < best[0]:
-            best = (val_nll, epoch, copy.deepcopy(flow.state_dict()))
+    try:
+        for epoch in range(epochs):
+            flow.train()
+            total, count = data.new_zeros(()), 0
+            perm = torch.randperm(train.shape[0], generator=gen).to(data.device)
+            for batch in train[perm].split(batch_size):
+                nll = -model.log_prob(batch).mean()
+                loss = nll + penalty(flow)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                maintenance.step()
+                total = total + nll.detach() * batch.shape[0]
+                count += batch.shape[0]
+                if bar is not None and bar.due():
+                    bar.show(epoch, (total / count).item())
+            val_nll = mean_nll(model, val, 4 * batch_size)
+            if not (math.isfinite(val_nll) and (total / count).isfinite()):
+                raise _diverged(epoch, lr)
+            history["train_nll"].append((total / count).item())
+            history["val_nll"].append(val_nll)
+            if val_nll < best[0]:
+                best = (val_nll, epoch, copy.deepcopy(flow.state_dict()))
+            if bar is not None:
+                bar.show(epoch + 1, history["train_nll"][-1], val_nll)
+    finally:  # end the bar's line, also when training fails or is interrupted
         if bar is not None:
-            bar.show(epoch + 1, history["train_nll"][-1], val_nll)
+            bar.close()
     flow.load_state_dict(best[2])
     flow.eval()
-    if bar is not None:
-        bar.close()
     seconds = time.perf_counter() - start
     return FitResult(model, best[0], best[1], history, seconds, (order[num_val:], order[:num_val]))
 

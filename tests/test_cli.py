@@ -297,8 +297,8 @@ def test_data_that_cannot_be_fitted(tmp_path):
     assert "column 2 constant" in fails("fit", tmp_path / "constant.npy")
     np.save(tmp_path / "few.npy", np.zeros((3, 2)))
     assert "need at least 10" in fails("fit", tmp_path / "few.npy")
-    message = fails("fit", "moons", "--rows", 200, "--epochs", 1, "--lr", "1e30", "--out",
-                    tmp_path / "run")  # fmt: skip
+    message = fails("fit", "moons", "--rows", 200, "--epochs", 1, "--lr", "1e30", "--quiet",
+                    "--out", tmp_path / "run")  # fmt: skip
     assert "training diverged in epoch 1" in message and "smaller learning rate" in message
     assert not (tmp_path / "run").exists()
 
