@@ -47,12 +47,20 @@ __all__ = [
 CHECKPOINT_FORMAT = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
 
-#: Flow builders by name: ``name -> (family, role-oriented builder(D, blocks, family))``.
-#: A spec is ``builder:family`` (``coupling:butterfly``) or a bare builder name
-#: (its default family, LU); ``lu-net`` is the paper's network.
+#: Flow builders by name: ``name -> builder(D, blocks, family)``, all oriented for
+#: density models. A spec is ``builder:family`` (``coupling:butterfly``) or a bare
+#: builder name (its default family, LU); ``lu-net`` is the paper's network.
+#: Activation flows start every linear layer from a Haar-random rotation
+#: (``init="orthogonal"``): from the identity all activations act on the data's
+#: own axes, and a 2-D fit stalls near the best single Gaussian (LU-Net on the
+#: eight-Gaussian ring: 3.59 nats from the identity, 2.7 to 3.1 from rotations,
+#: against 3.56 for the Gaussian). Coupling flows rotate their later mixers anyway.
+_ROTATED = {"init": "orthogonal"}
 BUILDERS: dict[str, Callable[[int, int, str], ComposeTransformModule]] = {
-    "lu-net": lambda d, k, family: lu_net(d, k, product="inverse"),
-    "activation": lambda d, k, family: activation_flow(d, k, family, role="density"),
+    "lu-net": lambda d, k, family: lu_net(d, k, product="inverse", **_ROTATED),
+    "activation": lambda d, k, family: activation_flow(
+        d, k, family, role="density", layer_kwargs=_ROTATED
+    ),
     "coupling": lambda d, k, family: coupling_flow(d, k, family, role="density"),
     "spline": lambda d, k, family: coupling_flow(d, k, family, role="density", coupling="spline"),
 }

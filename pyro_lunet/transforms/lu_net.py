@@ -43,6 +43,10 @@ def lu_net(
     Cost per layer and batch of N: O(N D^2) for the linear layers, O(N D) for
     the activations; log-determinants O(D) per layer plus O(N D).
 
+    In low dimension prefer ``init="orthogonal"``: from the identity every
+    activation acts on the data's own axes and a 2-D fit can stall near the
+    best single Gaussian (the command line's ``lu-net`` uses rotations).
+
     Example::
 
         >>> import torch, pyro.distributions as dist
