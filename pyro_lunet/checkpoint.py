@@ -34,13 +34,19 @@ from .training import standard_normal
 from .transforms.lu_net import lu_net
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
     "BUILDERS",
+    "CHECKPOINT_FORMAT",
     "CheckpointError",
     "ModelConfig",
     "build_model",
+    "flow_names",
+    "free_name",
     "load_model",
     "parse_flow",
+    "refuse_existing",
+    "resolve",
+    "save_model",
+    "write_file",
     "write_folder",
 ]
 
@@ -192,6 +198,12 @@ def save_model(folder: Path, flow: torch.nn.Module, config: ModelConfig) -> None
     torch.save(flow.state_dict(), folder / WEIGHTS_FILE)
 
 
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """Refuses an existing output path unless ``overwrite``: nothing is replaced silently."""
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists; pick another name or pass --overwrite")
+
+
 @contextmanager
 def write_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields a hidden scratch folder that becomes ``out`` only if the block completes.
@@ -201,8 +213,7 @@ def write_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     trace but the old folder.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists; pick another --out or pass --overwrite")
+    refuse_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -222,8 +233,7 @@ def write_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
 def write_file(out: str | os.PathLike, write: Callable[[Path], None], overwrite: bool) -> None:
     """Calls ``write(scratch_path)`` and renames the result to ``out`` (atomic replace)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists; pick another name or pass --overwrite")
+    refuse_existing(out, overwrite)
     if out.is_dir():
         raise CheckpointError(f"{out}: is a folder; expected a file name")
     handle, scratch = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)

@@ -32,13 +32,14 @@ from .checkpoint import (
     free_name,
     load_model,
     parse_flow,
+    refuse_existing,
     save_model,
     write_file,
     write_folder,
 )
 from .data_files import BUILT_IN, DataError, Rows, check_width, load_rows, standardization
 from .datasets import gaussian_mixture_log_prob
-from .training import fit_density, log_prob_in_chunks, mean_nll
+from .training import fit_density, held_out_count, log_prob_in_chunks, mean_nll
 
 #: ``--blocks`` when not given: activation flows need more blocks than coupling flows.
 DEFAULT_BLOCKS = {"lu-net": 8, "activation": 8, "coupling": 4, "spline": 4}
@@ -119,8 +120,7 @@ def fit(args: argparse.Namespace) -> int:
     builder, _ = parse_flow(args.flow)
     device = _device(args.device)
     out = Path(args.out) if args.out else free_name(Path("runs") / Path(args.data).stem)
-    if out.exists() and not args.overwrite:  # before any work; write_folder checks again
-        raise CommandError(f"{out}: already exists; pick another --out or pass --overwrite")
+    refuse_existing(out, args.overwrite)  # before any work, not only once the fit is done
     rows = load_rows(args.data, num_rows=args.rows, seed=args.seed,
                      drop_nonfinite=args.drop_nonfinite, key=args.key)  # fmt: skip
     if rows.dropped:
@@ -143,7 +143,7 @@ def fit(args: argparse.Namespace) -> int:
     except ValueError as error:  # e.g. a coupling flow on one column
         raise CommandError(f"cannot build {args.flow} for {rows.dim} columns: {error}") from None
     data = torch.as_tensor(rows.values, dtype=getattr(torch, args.dtype), device=device)
-    num_val = max(1, round(args.val_fraction * len(data)))
+    num_val = held_out_count(len(data), args.val_fraction)
     steps_per_epoch = math.ceil((len(data) - num_val) / args.batch_size)
     epochs = args.epochs or min(max(math.ceil(DEFAULT_STEPS / steps_per_epoch), EPOCH_RANGE[0]),
                                 EPOCH_RANGE[1])  # fmt: skip

@@ -37,6 +37,7 @@ __all__ = [
     "Maintenance",
     "PenalizedELBO",
     "fit_density",
+    "held_out_count",
     "log_prob_in_chunks",
     "mean_nll",
     "penalty",
@@ -390,7 +391,7 @@ def fit_density(
         )
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(data.shape[0], generator=gen).to(data.device)
-    num_val = max(1, int(round(val_fraction * data.shape[0])))
+    num_val = held_out_count(data.shape[0], val_fraction)
     if num_val >= data.shape[0]:
         raise ValueError(f"need more rows than the held-out split, got {data.shape[0]}")
     val, train = data[order[:num_val]], data[order[num_val:]]
@@ -436,6 +437,11 @@ def fit_density(
     flow.eval()
     seconds = time.perf_counter() - start
     return FitResult(model, best[0], best[1], history, seconds, (order[num_val:], order[:num_val]))
+
+
+def held_out_count(num_rows: int, val_fraction: float) -> int:
+    """How many of ``num_rows`` rows :func:`fit_density` holds out (at least one)."""
+    return max(1, round(val_fraction * num_rows))
 
 
 def _diverged(epoch: int, lr: float) -> FloatingPointError:
