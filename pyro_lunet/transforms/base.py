@@ -59,14 +59,26 @@ class VersionedCacheModule(TransformModule):
 
     Pyro's ``cache_size=1`` keeps the last ``(x, y)`` pair and answers by
     tensor identity alone, so ``TransformedDistribution.log_prob`` of a fresh
-    ``rsample`` skips the inverse. Here a hit also needs the module's tensors
-    unchanged (same ``_version`` and storage: optimizer steps,
-    ``load_state_dict`` and merges all bump the version), no optimizer step
-    taken since (for optimizers that write through ``.data``), the same grad
-    and train/eval modes, and a backward pass through the cached result (which
-    frees its graph) forgets it. So full-batch training on one data tensor
-    needs no ``clear_cache()`` calls (pyro#2542), and a result computed under
-    ``no_grad`` is never handed to a call that needs its graph.
+    ``rsample`` skips the inverse. Here a hit also needs everything that
+    decides the result, or what it may be used for, to be as it was:
+
+    * the module's parameters and buffers: the same ``_version`` and storage
+      (optimizer steps, in-place updates, ``load_state_dict`` and merges all
+      bump the version) and the same ``requires_grad``;
+    * no ``torch.optim`` optimizer step taken since, in this process (for
+      optimizers that write through ``.data``, as Pyro's ``ClippedAdam``
+      does);
+    * the grad mode and the train/eval mode;
+    * the queried tensor itself: not modified in place since, and, when it
+      was the input of the cached call, the same ``requires_grad``.
+
+    A backward pass through the cached result (which frees its graph) forgets
+    it. So full-batch training on one data tensor needs no ``clear_cache()``
+    calls (pyro#2542), and a result computed without a graph is never handed
+    to a call that needs one. What the key cannot see: user code writing into
+    a parameter through ``p.data`` (or ``with torch.no_grad(): p.copy_(...)``
+    is fine, that bumps the version) outside an optimizer step; call
+    ``clear_cache()`` after such a write.
 
     Derived quantities (assembled matrices, log-determinants) go through
     :meth:`_memo`, under the same key and only while no graph is recorded.
@@ -78,6 +90,7 @@ class VersionedCacheModule(TransformModule):
         super().__init__(cache_size=cache_size)
         self._cache_key: tuple | None = None
         self._cache_token: object | None = None
+        self._cache_query: tuple = ((0, 0), 0, False)
         self._derived: dict[str, tuple[tuple, object]] = {}
 
     # Module's repr (with extra_repr) rather than Transform's bare "Name()".
@@ -88,7 +101,7 @@ class VersionedCacheModule(TransformModule):
             torch.is_grad_enabled(),
             self.training,
             optimizer_step_count(),
-            *((t._version, t.data_ptr()) for t in self._keyed_tensors()),
+            *((t._version, t.data_ptr(), t.requires_grad) for t in self._keyed_tensors()),
         )
 
     def _keyed_tensors(self) -> list[Tensor]:
@@ -99,27 +112,44 @@ class VersionedCacheModule(TransformModule):
         if self._cache_size == 0:
             return self._call(x)
         key = self._state_key()
-        x_old, y_old = self._cached_x_y
-        if x is x_old and key == self._cache_key:
-            return y_old
+        hit = self._cached(x, key, 0)
+        if hit is not None:
+            return hit
         y = self._call(x)
-        self._remember(x, y, y, key)
+        self._remember(x, y, 0, key)
         return y
 
     def _inv_call(self, y: Tensor) -> Tensor:
         if self._cache_size == 0:
             return self._inverse(y)
         key = self._state_key()
-        x_old, y_old = self._cached_x_y
-        if y is y_old and key == self._cache_key:
-            return x_old
+        hit = self._cached(y, key, 1)
+        if hit is not None:
+            return hit
         x = self._inverse(y)
-        self._remember(x, y, x, key)
+        self._remember(x, y, 1, key)
         return x
 
-    def _remember(self, x: Tensor, y: Tensor, computed: Tensor, key: tuple) -> None:
+    def _cached(self, query: Tensor, key: tuple, side: int) -> Tensor | None:
+        """The cached partner of ``query`` (``x`` for side 0, ``y`` for 1), or ``None``."""
+        pair = self._cached_x_y
+        if pair[side] is not query or key != self._cache_key:
+            return None
+        versions, source, source_grad = self._cache_query
+        if query._version != versions[side]:
+            return None  # the tensor was modified in place
+        # The partner of the call's own input was computed from it: it has a
+        # graph to it exactly when the input required grad then.
+        if side == source and query.requires_grad != source_grad:
+            return None
+        return pair[1 - side]
+
+    def _remember(self, x: Tensor, y: Tensor, source: int, key: tuple) -> None:
         token = object()  # names this pair without holding it
         self._cached_x_y, self._cache_key, self._cache_token = (x, y), key, token
+        given = (x, y)[source]
+        self._cache_query = ((x._version, y._version), source, given.requires_grad)
+        computed = (x, y)[1 - source]
         if computed.requires_grad:
             # A backward pass through the computed tensor frees its graph: the
             # pair must not be handed out again after that. The hook holds
@@ -259,6 +289,8 @@ class InvertibleLinear(VersionedCacheModule):
         return self._batched(self._solve, y) - self._solve(self.bias.unsqueeze(0)).squeeze(0)
 
     def _batched(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return x.clone()  # an empty batch: some kernels (MKL's FFT) refuse it
         if x.dim() == 2:
             return fn(x)
         return fn(x.reshape(-1, self.input_dim)).reshape(x.shape)
