@@ -348,6 +348,16 @@ def fit_density(
     and the last validation NLL. Runs on the device and dtype of ``data``;
     the flow must already be there.
 
+    When training diverges, is interrupted (``KeyboardInterrupt``) or
+    raises, the flow is put back in its best known state (the best epoch's
+    of this call; or its state at the call when no epoch finished or none
+    scored better on the held-out rows), in eval mode, and the exception
+    propagates; the divergence message, or a note on any other exception
+    (Python 3.11+), says which state that is. Data no fit can succeed on
+    (non-finite rows, constant columns, values whose squares overflow the
+    dtype) and every other bad argument are refused before the flow is
+    touched.
+
     Example::
 
         >>> import torch
@@ -368,10 +378,15 @@ def fit_density(
     :param int seed: seeds the split and the batch order (not the flow).
     :param bool progress: whether to draw the progress bar.
     :returns: a :class:`FitResult`.
+    :raises ValueError: on bad arguments, including data with NaN or
+        infinite rows (naming how many and which), constant columns in the
+        training rows (naming them and their values) or values too large
+        for ``data``'s dtype; the flow is left as it was.
     :raises FloatingPointError: when training diverges (the loss or the
-        parameters become NaN or infinite), naming the epoch.
+        parameters become NaN or infinite), naming the epoch and the state the
+        flow was restored to.
     """
-    if not isinstance(data, torch.Tensor) or data.dim() != 2:
+    if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.shape[1] == 0:
         shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
         raise ValueError(f"data must be a tensor of shape (N, D), got {shape}")
     if not 0.0 < val_fraction < 1.0:
@@ -395,16 +410,23 @@ def fit_density(
     if num_val >= data.shape[0]:
         raise ValueError(f"need more rows than the held-out split, got {data.shape[0]}")
     val, train = data[order[:num_val]], data[order[num_val:]]
+    _check_values(data, train)
     # Without validation a NaN from a diverging step reaches the loss, which
     # is checked once an epoch, rather than failing deep inside Pyro.
     base = standard_normal(data.shape[1], data, validate_args=False)
     model = dist.TransformedDistribution(base, flow)
+    # (val NLL, epoch, state) of the flow as it came (epoch -1), which a
+    # failure falls back to when no epoch scores better: a fine-tuning run can
+    # go wrong from its first epoch. Scoring it first also refuses a flow that
+    # cannot score the data (e.g. the wrong input_dim) before its mode changes.
+    at_call = (mean_nll(model, val, 4 * batch_size), -1, copy.deepcopy(flow.state_dict()))
     optimizer = torch.optim.Adam(params, lr=lr)
     maintenance = Maintenance(flow, optimizer)
     history: dict[str, list[float]] = {"train_nll": [], "val_nll": []}
-    best = (math.inf, -1, copy.deepcopy(flow.state_dict()))
+    best = (math.inf, -1, None)  # the best epoch's, once one finishes
     bar = _Progress(epochs) if progress else None
     start = time.perf_counter()
+    diverged = None
     try:
         for epoch in range(epochs):
             flow.train()
@@ -423,20 +445,88 @@ def fit_density(
                     bar.show(epoch, (total / count).item())
             val_nll = mean_nll(model, val, 4 * batch_size)
             if not (math.isfinite(val_nll) and (total / count).isfinite()):
-                raise _diverged(epoch, lr)
+                diverged = _diverged(epoch, lr, _fallback(best, at_call))
+                raise diverged
             history["train_nll"].append((total / count).item())
             history["val_nll"].append(val_nll)
             if val_nll < best[0]:
                 best = (val_nll, epoch, copy.deepcopy(flow.state_dict()))
             if bar is not None:
                 bar.show(epoch + 1, history["train_nll"][-1], val_nll)
+    except BaseException as error:  # KeyboardInterrupt too: the user keeps the best state
+        fallback = _fallback(best, at_call)
+        _restore(flow, fallback)
+        if error is not diverged and hasattr(error, "add_note"):  # add_note: Python 3.11+
+            error.add_note(f"fit_density: {_restored(fallback)}")
+        raise
     finally:  # end the bar's line, also when training fails or is interrupted
         if bar is not None:
             bar.close()
-    flow.load_state_dict(best[2])
-    flow.eval()
+    _restore(flow, best)
     seconds = time.perf_counter() - start
     return FitResult(model, best[0], best[1], history, seconds, (order[num_val:], order[:num_val]))
+
+
+def _check_values(data: torch.Tensor, train: torch.Tensor) -> None:
+    """Refuses data no fit can succeed on, with the reason, before training starts.
+
+    Each check is one reduction on the device and one host read, plus more
+    reads to word the error.
+    """
+    finite = torch.isfinite(data).all(dim=1)
+    if not finite.all():
+        bad = (~finite).nonzero().flatten()
+        rows = ", ".join(str(i) for i in bad[:5].tolist()) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"data has {len(bad)} row{'s' * (len(bad) > 1)} with NaN or infinite values "
+            f"(row{'s' * (len(bad) > 1)} {rows}); drop or impute them"
+        )
+    # A flow starts near the identity, so the base log-density first squares
+    # each row's norm; past sqrt(max) that overflows, and the fit would fail
+    # as if the learning rate were to blame. The 4 (16 on the square) leaves
+    # room for the first steps and the batch mean.
+    finfo = torch.finfo(data.dtype)
+    if torch.linalg.vector_norm(data, dim=1).amax() > math.sqrt(finfo.max) / 4:
+        dtype = str(data.dtype).removeprefix("torch.")
+        fix = "" if data.dtype == torch.float64 else " or use float64"
+        raise ValueError(
+            f"data values up to {data.abs().amax().item():.3g} overflow {dtype} arithmetic; "
+            f"standardize the data{fix}"
+        )
+    # Zero variance in a training column: the likelihood grows without bound
+    # as the flow shrinks onto it.
+    low, high = train.aminmax(dim=0)
+    constant = (low == high).nonzero().flatten().tolist()
+    if constant:
+        many = len(constant) > 1
+        cols = ", ".join(map(str, constant[:5])) + (", ..." if len(constant) > 5 else "")
+        values = ", ".join(f"{v:g}" for v in low[constant[:5]].tolist())
+        raise ValueError(
+            f"data column{'s' * many} {cols} {'are' if many else 'is'} constant (every training "
+            f"row is {values}{', in that order' * many}): "
+            f"{'their' if many else 'its'} density is unbounded; "
+            f"drop the column{'s' * many} or add noise"
+        )
+
+
+def _fallback(best: tuple, at_call: tuple) -> tuple:
+    """The best known state after a failure: the best epoch's, unless no epoch
+    finished or the state at the call scores better (NaN never does)."""
+    return at_call if best[1] < 0 or at_call[0] < best[0] else best
+
+
+def _restored(scored: tuple) -> str:
+    """Which state :func:`_restore` put back, for error messages."""
+    val_nll, epoch, _ = scored
+    if epoch < 0:
+        return f"the flow was restored to its state at the call (validation NLL {val_nll:.4f})"
+    where = f"epoch {epoch + 1}, validation NLL {val_nll:.4f}"
+    return f"the flow was restored to its best state ({where})"
+
+
+def _restore(flow: torch.nn.Module, scored: tuple) -> None:
+    flow.load_state_dict(scored[2])
+    flow.eval()
 
 
 def held_out_count(num_rows: int, val_fraction: float) -> int:
@@ -444,10 +534,10 @@ def held_out_count(num_rows: int, val_fraction: float) -> int:
     return max(1, round(val_fraction * num_rows))
 
 
-def _diverged(epoch: int, lr: float) -> FloatingPointError:
+def _diverged(epoch: int, lr: float, fallback: tuple) -> FloatingPointError:
     return FloatingPointError(
         f"training diverged in epoch {epoch + 1}: the loss or the parameters became NaN or "
-        f"infinite; try a smaller learning rate than {lr:g}"
+        f"infinite; try a smaller learning rate than {lr:g}; {_restored(fallback)}"
     )
 
 
