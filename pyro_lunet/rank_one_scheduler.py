@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -16,7 +17,11 @@ class RankOneScheduler:
     r"""Runs the merges and drift corrections of every
     :class:`~pyro_lunet.RankOneUpdatedLinear` inside a module tree.
 
-    Call :meth:`step` once after every optimizer step. Every ``merge_every``
+    The layers maintain themselves (see
+    :class:`~pyro_lunet.RankOneUpdatedLinear`); a scheduler is the explicit
+    control for another cadence: from its first :meth:`step` on, and while it
+    lives, its rounds replace the layers' own. Call :meth:`step` once after
+    every optimizer step. Every ``merge_every``
     steps it tries to merge each layer (:meth:`~RankOneUpdatedLinear.merge_`),
     forcing every ``force_every``-th round; then it drops the optimizer state
     of each merged layer's :math:`v`, which was just redrawn and whose
@@ -132,10 +137,17 @@ class RankOneScheduler:
     def step(self) -> None:
         """Counts one optimizer step; merges and corrects when it is time."""
         self.num_steps += 1
-        if self.num_steps % self.merge_every:
+        due = self.num_steps % self.merge_every == 0
+        if not (due or self.num_steps == 1):
+            return
+        layers = self.layers()
+        for (
+            layer
+        ) in layers:  # from the first step on, this scheduler's rounds replace the layer's own
+            layer._upkeep.scheduler = weakref.ref(self)
+        if not due:
             return
         self.num_rounds += 1
-        layers = self.layers()
         if not layers:
             return
         force = _due(self.force_every, self.num_rounds)

@@ -21,6 +21,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormalizingFlow
 
 from pyro_lunet import (
+    PenalizedELBO,
     SelfNormalizingLinear,
     butterfly_linear,
     circulant_diagonal_linear,
@@ -78,9 +79,9 @@ CASES = [
         linear=False,
         guide=False,  # the density-model orientation
     ),
-    # Without merges one layer only reaches A + u v^T: its SVI fit, with a
-    # RankOneScheduler, is in tests/test_rank_one.py.
-    Case("rank-one", rank_one_updated_linear, guide=False),
+    # One layer reaches a full covariance only through merges, which it runs
+    # itself inside plain SVI.
+    Case("rank-one", rank_one_updated_linear),
     Case(
         "rank-one-merged",
         partial(rank_one_updated_linear, init="reverse"),
@@ -95,13 +96,11 @@ CASES = [
     ),
     # SNF: the exact solve on the fast side makes round trips exact; the
     # perturbed W gets R = W^-1 and an exact log-det anchor back by prepare.
-    # SNF trains only with its reconstruction penalty in the loss, which
-    # plain Trace_ELBO lacks: its SVI fits are in tests/test_self_normalizing.py.
+    # Its reconstruction gradient is its own: plain Trace_ELBO trains it.
     Case(
         "self-normalizing",
         partial(self_normalizing_linear, exact="forward", approximate=False),
         prepare=SelfNormalizingLinear.sync_inverse,
-        guide=False,
     ),
     Case(
         "self-normalizing-inverse",
@@ -355,9 +354,20 @@ def _correlated_gaussian_model(loc, scale_tril):
     return model
 
 
+# Every family is drop-in with Pyro's own ELBO; PenalizedELBO (the explicit
+# control of penalties and merges) is checked on the families it acts on.
+_GUIDE_RUNS = [(c, "Trace_ELBO") for c in TRAINABLE if c.guide] + [
+    (c, "PenalizedELBO")
+    for c in TRAINABLE
+    if c.guide and c.name in ("rank-one", "self-normalizing")
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [c for c in TRAINABLE if c.guide], ids=repr)
-def test_auto_normalizing_flow_fits_correlated_gaussian(case):
+@pytest.mark.parametrize(
+    ("case", "loss"), _GUIDE_RUNS, ids=[f"{c.name}-{loss}" for c, loss in _GUIDE_RUNS]
+)
+def test_auto_normalizing_flow_fits_correlated_gaussian(case, loss):
     pyro.clear_param_store()
     torch.manual_seed(0)
     cov = torch.tensor(
@@ -369,7 +379,10 @@ def test_auto_normalizing_flow_fits_correlated_gaussian(case):
     model = _correlated_gaussian_model(loc, torch.linalg.cholesky(cov))
     guide = AutoNormalizingFlow(model, case.make)
     optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.997})
-    svi = SVI(model, guide, optim, Trace_ELBO(num_particles=32, vectorize_particles=True))
+    elbo = Trace_ELBO(num_particles=32, vectorize_particles=True)
+    if loss == "PenalizedELBO":
+        elbo = PenalizedELBO(elbo, optim)
+    svi = SVI(model, guide, optim, elbo)
     for _ in range(1000):
         svi.step()
     with torch.no_grad():

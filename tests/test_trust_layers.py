@@ -119,3 +119,85 @@ def test_lu_net_on_an_empty_batch():
     assert flow(empty).shape == (0, 3)
     # (its log_abs_det_jacobian cannot: torch's ComposeTransform sums the
     # elementwise activation's terms with a reshape that refuses (0, D))
+
+
+# ------------------------------------------------------------------ item 3
+def _fit_rank_one_plainly(seed: int, steps: int = 200, optimizer=torch.optim.Adam):
+    """A plain torch loop, no scheduler, no penalty: a correlated 3-D Gaussian."""
+    torch.manual_seed(seed)
+    layer = rank_one_updated_linear(3).double()
+    mix = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [-0.5, 0.3, 0.4]], dtype=torch.float64)
+    data = torch.randn(512, 3, dtype=torch.float64) @ mix.T
+    model = _model(layer, 3)
+    opt = optimizer(layer.parameters(), lr=5e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        (-model.log_prob(data).mean()).backward()
+        opt.step()
+    return layer, data, opt
+
+
+def test_rank_one_merges_by_itself_in_a_plain_loop():
+    layer, data, opt = _fit_rank_one_plainly(0, steps=400)
+    assert layer._upkeep.rounds == 39  # the last step's round waits for the next use
+    layer.log_abs_det()
+    assert layer._upkeep.rounds == 40 and layer._upkeep.steps == 400
+    assert not torch.allclose(layer.A, torch.eye(3, dtype=torch.float64))  # merged
+    w = layer.weight().detach()
+    cov = torch.cov(data.T, correction=0)
+    # A + u v^T without merges is a rank-one change of I: it cannot reach cov.
+    assert torch.linalg.matrix_norm(w @ w.T - cov) < 0.1
+    # v's optimizer state is reset at each merge round (here the last, at step 400)
+    assert layer.v not in opt.state or opt.state[layer.v]["step"] < 10
+
+
+def test_rank_one_maintenance_is_deterministic_and_restored_from_state_dict():
+    first, _, _ = _fit_rank_one_plainly(1, steps=95)
+    second, _, _ = _fit_rank_one_plainly(1, steps=95)
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
+    # A layer restored from a checkpoint draws the same next v as the original.
+    restored = rank_one_updated_linear(3).double()
+    restored.load_state_dict(first.state_dict())
+    first.merge_(force=True)
+    restored.merge_(force=True)
+    assert torch.equal(first.v, restored.v)
+
+
+def test_rank_one_leaves_merges_to_an_explicit_scheduler():
+    from pyro_lunet import RankOneScheduler
+
+    torch.manual_seed(0)
+    layer = rank_one_updated_linear(3)
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    scheduler = RankOneScheduler(layer, opt, merge_every=7)
+    x = torch.randn(16, 3)
+    for _ in range(21):
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+        scheduler.step()
+    assert scheduler.num_rounds == 3
+    assert layer._upkeep.rounds == 0  # its own schedule (every 10) stood down
+    assert layer._upkeep.draws == 3  # one fresh v per round, none twice
+
+
+def test_rank_one_maintains_itself_under_pyro_optimizers():
+    """Pyro's optimizers step one torch optimizer per parameter: counted once per step."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.infer.autoguide import AutoNormalizingFlow
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+
+    def model():
+        pyro.sample("z", dist.MultivariateNormal(torch.zeros(2), torch.eye(2)))
+
+    guide = AutoNormalizingFlow(model, rank_one_updated_linear)
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(30):
+        svi.step()
+    guide()  # the next use catches up
+    layer = guide.transform
+    assert layer._upkeep.steps == 30 and layer._upkeep.rounds == 3

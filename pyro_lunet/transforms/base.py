@@ -108,7 +108,16 @@ class VersionedCacheModule(TransformModule):
         """The tensors whose in-place changes invalidate the caches."""
         return [*self.parameters(), *self.buffers()]
 
+    def _before_use(self) -> None:
+        """Work owed since the last optimizer step, done before the module is used.
+
+        Called first by every direction and by ``log_abs_det``, before any
+        graph captures a parameter; a no-op unless a family needs it (the
+        rank-one family merges here). It must not change the map.
+        """
+
     def __call__(self, x: Tensor) -> Tensor:
+        self._before_use()
         if self._cache_size == 0:
             return self._call(x)
         key = self._state_key()
@@ -120,6 +129,7 @@ class VersionedCacheModule(TransformModule):
         return y
 
     def _inv_call(self, y: Tensor) -> Tensor:
+        self._before_use()
         if self._cache_size == 0:
             return self._inverse(y)
         key = self._state_key()
@@ -262,6 +272,7 @@ class InvertibleLinear(VersionedCacheModule):
 
     def log_abs_det(self) -> Tensor:
         r""":math:`\log|\det W|`, a 0-dim tensor."""
+        self._before_use()
         return self._log_abs_det()
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:

@@ -3,10 +3,13 @@ r"""Rank-one-updated invertible linear layers (P4Inv)."""
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .base import InvertibleLinear
 
@@ -15,6 +18,53 @@ __all__ = ["RankOneUpdatedLinear", "rank_one_updated_linear"]
 # The reference code's margins around ``log_det_range`` for accepting a merge.
 _DEN_MARGIN = 4.0
 _LOG_DET_MARGIN = 0.5
+
+
+class _Upkeep:
+    """A layer's own maintenance state, shared with its ``with_cache`` views.
+
+    ``pending`` counts the optimizer steps that updated ``v`` since the layer
+    last caught up, ``optimizers`` the optimizers that stepped ``u`` or ``v``
+    (whose state a merge resets). ``steps``, ``rounds`` and ``draws`` (the
+    fresh ``v`` drawn so far, which with ``seed`` decide the next one) are
+    saved in ``state_dict``, so a restored layer, and every data-parallel
+    replica, merges and draws exactly as the original.
+    """
+
+    def __init__(self, seed: int):
+        self.seed, self.steps, self.rounds, self.draws, self.pending = seed, 0, 0, 0, 0
+        self.optimizers: weakref.WeakSet = weakref.WeakSet()
+        self.scheduler: weakref.ref | None = None  # an explicit RankOneScheduler in charge
+
+    def counters(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("seed", "steps", "rounds", "draws")}
+
+    def __getstate__(self) -> dict:
+        return self.counters()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["seed"])
+        self.__dict__.update(state)
+
+
+# Every live layer's u and v, mapped to (its upkeep, whether it is v): the
+# optimizer step hook below learns from this which layers a step touched.
+_upkeep_by_parameter = WeakIdKeyDictionary()
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if not _upkeep_by_parameter:
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            entry = _upkeep_by_parameter.get(param)
+            upkeep = None if entry is None else entry[0]()
+            if upkeep is not None:
+                upkeep.optimizers.add(optimizer)
+                upkeep.pending += entry[1]  # counted once a step, on v
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 class RankOneUpdatedLinear(InvertibleLinear):
@@ -39,9 +89,24 @@ class RankOneUpdatedLinear(InvertibleLinear):
     the same two formulas (O(D^2)) and restarts the perturbation from
     :math:`u = 0` and a fresh :math:`v`, so the layer walks through the
     invertible matrices one rank-one step at a time without ever factorizing
-    one. :class:`~pyro_lunet.RankOneScheduler` runs merges and
-    :meth:`correct_` from a training loop, and :meth:`penalty` (summed by
-    :func:`pyro_lunet.penalty`) keeps :math:`\delta` away from 0.
+    one. :meth:`penalty` (summed by :func:`pyro_lunet.penalty`) keeps
+    :math:`\delta` away from 0.
+
+    **The layer maintains itself**, in any loop and any Pyro ELBO: it counts
+    the optimizer steps that update its :math:`v` (torch's optimizer step
+    hooks, Pyro's optimizers included) and, at its next training-mode use,
+    before any graph captures :math:`u` or :math:`v`, runs the round they
+    make due: every ``merge_every`` steps a merge (forced every
+    ``force_every`` rounds) followed by dropping the stepping optimizers'
+    state for the redrawn :math:`v`, and every ``correct_every`` rounds a
+    drift correction with an exact :math:`\log|\det A|`. Each fresh
+    :math:`v` is drawn from a seed the layer keeps (taken from torch's
+    global generator at construction) and a counter in ``state_dict``, so
+    seeded runs and data-parallel replicas stay identical. An explicit
+    :class:`~pyro_lunet.RankOneScheduler` (also used by
+    :class:`~pyro_lunet.Maintenance`, :class:`~pyro_lunet.PenalizedELBO` and
+    :func:`~pyro_lunet.fit_density`) takes over from the layer's own
+    schedule while it lives; ``merge_every=None`` turns it off.
 
     Costs for a batch of N: each direction is one dense GEMM with a buffer
     (:math:`2 N D^2` flops) plus O(N D + D^2) for the rank-one terms, and its
@@ -109,8 +174,15 @@ class RankOneUpdatedLinear(InvertibleLinear):
         leave ``[low - 0.5, high + 0.5]`` (the reference's margins).
         Default ``(-2, 15)``.
     :param float penalty_weight: the weight of :meth:`penalty` (0.1).
+    :param merge_every: optimizer steps between the layer's own merge
+        rounds, or ``None`` to leave merges to the user.
     :param int cache_size: 0 or 1, as for Pyro's transforms.
     """
+
+    #: Merge rounds between forced merges, and between drift corrections
+    #: (each with an exact recomputation of log|det A|), when self-maintained.
+    force_every = 10
+    correct_every = 50
 
     def __init__(
         self,
@@ -119,6 +191,7 @@ class RankOneUpdatedLinear(InvertibleLinear):
         init: Literal["identity", "reverse", "orthogonal"] | Tensor = "identity",
         log_det_range: tuple[float, float] = (-2.0, 15.0),
         penalty_weight: float = 0.1,
+        merge_every: int | None = 10,
         cache_size: int = 1,
     ):
         super().__init__(input_dim, bias=bias, cache_size=cache_size)
@@ -134,6 +207,81 @@ class RankOneUpdatedLinear(InvertibleLinear):
         self.register_buffer("A_inv", a_inv)
         self.register_buffer("log_abs_det_A", log_abs_det)
         self.register_buffer("sign_det_A", sign)
+        if merge_every is not None and (
+            isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1
+        ):
+            raise ValueError(f"merge_every must be a positive int or None, got {merge_every!r}")
+        self.merge_every = merge_every
+        # From the global generator: seeded runs, and replicas, agree.
+        self._upkeep = _Upkeep(int(torch.randint(2**62, ())))
+
+    # ------------------------------------------------------- self-maintenance
+    def _before_use(self) -> None:
+        upkeep = self._upkeep
+        if not self.training:
+            return
+        for param, is_v in ((self.u, 1), (self.v, 0)):  # (re-)register if replaced
+            entry = _upkeep_by_parameter.get(param)
+            if entry is None or entry[0]() is not upkeep:
+                _upkeep_by_parameter[param] = (weakref.ref(upkeep), 1 - is_v)
+        if not upkeep.pending:
+            return
+        in_charge = upkeep.scheduler is not None and upkeep.scheduler() is not None
+        if self.merge_every is None or in_charge:
+            upkeep.pending = 0
+            return
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Counts the pending optimizer steps and runs the merge round they make due, if any."""
+        upkeep, every = self._upkeep, self.merge_every
+        before = upkeep.steps
+        upkeep.steps += upkeep.pending
+        upkeep.pending = 0
+        rounds = upkeep.steps // every - before // every
+        if not rounds:
+            return
+        first, upkeep.rounds = upkeep.rounds + 1, upkeep.rounds + rounds
+
+        def due(cadence: int) -> bool:  # a multiple of cadence among the rounds just done
+            return upkeep.rounds // cadence > (first - 1) // cadence
+
+        merged, reset = self._merge(force=due(self.force_every))
+        discarded = reset & ~merged
+        for optimizer in upkeep.optimizers:
+            # v was redrawn (or kept, when the merge was refused: a restart of
+            # its moments costs little), and its moments belong to the old v;
+            # a discarded non-finite u takes its moments with it. Decided on
+            # the device: no synchronization.
+            optimizer.state.pop(self.v, None)
+            for value in optimizer.state.get(self.u, {}).values():
+                if isinstance(value, Tensor) and value.shape == self.u.shape:
+                    value.copy_(torch.where(discarded, 0, value))
+        if due(self.correct_every):
+            self.correct_(1, recompute_log_det=True)
+
+    # The counters travel in state_dict as one int64 CPU tensor, which every
+    # consumer of a state_dict (torch.load(weights_only=True) included) takes.
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor(list(self._upkeep.counters().values()), dtype=torch.int64)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        names = self._upkeep.counters()
+        self._upkeep.__dict__.update(zip(names, (int(n) for n in state.tolist())))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        missing_keys = args[3] if len(args) > 3 else kwargs["missing_keys"]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Checkpoints from before self-maintenance have no counters: keep ours.
+        if prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")
+
+    def _fresh_v(self) -> Tensor:
+        """The next v, drawn from the layer's own seed: the same in every process."""
+        upkeep, v = self._upkeep, self.v
+        generator = torch.Generator(device=v.device).manual_seed(upkeep.seed + upkeep.draws)
+        upkeep.draws += 1
+        return torch.randn(v.shape, generator=generator, dtype=v.dtype, device=v.device)
 
     # ------------------------------------------------------------ the update
     def _update_terms(self) -> tuple[Tensor, Tensor]:
@@ -177,6 +325,7 @@ class RankOneUpdatedLinear(InvertibleLinear):
         singular set :math:`\delta = 0`. O(D^2). Add it to the loss, for a
         whole model at once with :func:`pyro_lunet.penalty`.
         """
+        self._before_use()
         low, high = self.log_det_range
         _, delta = self._update_terms()
         log_delta = delta.abs().log()
@@ -192,7 +341,8 @@ class RankOneUpdatedLinear(InvertibleLinear):
         :math:`A^{-1} \leftarrow A^{-1} - w (v^\top A^{-1}) / \delta`,
         :math:`\log|\det A| \mathrel{+}= \log|\delta|` (and the sign of
         :math:`\det A` times that of :math:`\delta`); then :math:`u = 0` and
-        :math:`v` is redrawn from :math:`\mathcal{N}(0, I)`.
+        :math:`v` is redrawn from :math:`\mathcal{N}(0, I)` (from the layer's
+        own seed and draw count, so the draw is the same in every process).
 
         A merge is skipped, leaving everything as it was, when
         :math:`\log|\delta|` or the merged log-determinant would leave the
@@ -240,7 +390,7 @@ class RankOneUpdatedLinear(InvertibleLinear):
         self.log_abs_det_A.add_(torch.where(merged, log_delta, 0))
         self.sign_det_A.mul_(torch.where(merged, delta.sign(), 1))
         u.copy_(torch.where(reset, 0, u))
-        v.copy_(torch.where(reset, torch.randn_like(v), v))
+        v.copy_(torch.where(reset, self._fresh_v(), v))
         return merged, reset
 
     @torch.no_grad()
@@ -305,7 +455,7 @@ class RankOneUpdatedLinear(InvertibleLinear):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, log_det_range={self.log_det_range}, "
-            f"penalty_weight={self.penalty_weight}"
+            f"penalty_weight={self.penalty_weight}, merge_every={self.merge_every}"
         )
 
 
