@@ -11,7 +11,8 @@ A checkpoint is a folder holding ``config.json`` (what to build: the flow
 spec, the dimension, the standardization, versions) and ``model.pt`` (the
 flow's ``state_dict``, loaded with ``weights_only=True``). Folders are
 written whole or not at all: :func:`write_folder` fills a hidden sibling and
-renames it into place.
+renames it into place, marked (:data:`RUN_MARKER`) so that ``--overwrite``
+later replaces only such a folder, never one of the user's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "ModelConfig",
+    "RUN_MARKER",
     "build_model",
     "flow_names",
     "free_name",
@@ -52,6 +54,8 @@ __all__ = [
 
 CHECKPOINT_FORMAT = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
+#: The file :func:`write_folder` marks its folders with, listing what it wrote.
+RUN_MARKER = ".pyro-lunet-run"
 
 #: Flow builders by name: ``name -> builder(D, blocks, family)``, all oriented for
 #: density models. A spec is ``builder:family`` (``coupling:butterfly``) or a bare
@@ -198,27 +202,73 @@ def save_model(folder: Path, flow: torch.nn.Module, config: ModelConfig) -> None
     torch.save(flow.state_dict(), folder / WEIGHTS_FILE)
 
 
-def refuse_existing(out: Path, overwrite: bool) -> None:
-    """Refuses an existing output path unless ``overwrite``: nothing is replaced silently."""
-    if out.exists() and not overwrite:
+def refuse_existing(
+    out: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
+    *, folder: bool = False,
+) -> None:  # fmt: skip
+    """Refuses an output path that exists, unless ``overwrite``, and one that would replace
+    or hold any of ``inputs`` (the files the command reads), even with it.
+
+    ``--overwrite`` replaces outputs, never inputs: nothing is replaced silently
+    and nothing the user did not ask for is replaced at all. A ``folder`` output
+    replaces only a folder :func:`write_folder` wrote and nobody added to since.
+    """
+    out = Path(out)
+    target = out.resolve()
+    for path in map(Path, inputs):
+        if path.exists() and (target == path.resolve() or target in path.resolve().parents):
+            raise CheckpointError(f"{out}: would replace the input {path}; pick another name")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
         raise CheckpointError(f"{out}: already exists; pick another name or pass --overwrite")
+    if not folder:
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise CheckpointError(f"{out}: not a folder; pick another name for the output folder")
+    written = _written(out)
+    foreign = sorted({p.name for p in out.iterdir()} - written)
+    if foreign and not written:
+        raise CheckpointError(f"{out}: not a run folder pyro-lunet wrote (no {RUN_MARKER}); "
+                              "--overwrite replaces only those: pick another name")  # fmt: skip
+    if foreign:
+        raise CheckpointError(
+            f"{out}: holds {foreign[0]!r}{' and more' * (len(foreign) > 1)}, added after "
+            "pyro-lunet wrote the folder; --overwrite would delete it: move it or pick another name"
+        )
+
+
+def _written(folder: Path) -> set[str]:
+    """The names :func:`write_folder` recorded in ``folder``'s marker (none: not its folder)."""
+    try:
+        return {*json.loads((folder / RUN_MARKER).read_text())["files"], RUN_MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
 
 
 @contextmanager
-def write_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def write_folder(
+    out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()
+) -> Iterator[Path]:
     """Yields a hidden scratch folder that becomes ``out`` only if the block completes.
 
-    An existing ``out`` is refused unless ``overwrite``, and then replaced only
-    once the new contents are complete; an error or interruption leaves no
-    trace but the old folder.
+    An existing ``out`` is refused unless ``overwrite`` (see :func:`refuse_existing`),
+    and then replaced only once the new contents are complete; an error or
+    interruption leaves no trace but the old folder. The new folder records what
+    it holds in a marker file, :data:`RUN_MARKER`, which lets a later
+    ``overwrite`` tell it from a folder of the user's.
     """
-    out = Path(out)
-    refuse_existing(out, overwrite)
+    out, inputs = Path(out), list(inputs)
+    refuse_existing(out, overwrite, inputs, folder=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield scratch
-        if out.exists():
+        files = sorted(p.name for p in scratch.iterdir())
+        (scratch / RUN_MARKER).write_text(json.dumps({"written_by": "pyro-lunet", "files": files}))
+        if out.exists() or out.is_symlink():
+            # Again: the block may have run for minutes, time enough to add a file to out.
+            refuse_existing(out, overwrite, inputs, folder=True)
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             out.rename(old / out.name)
             scratch.rename(out)
@@ -230,10 +280,16 @@ def write_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
             shutil.rmtree(scratch)
 
 
-def write_file(out: str | os.PathLike, write: Callable[[Path], None], overwrite: bool) -> None:
-    """Calls ``write(scratch_path)`` and renames the result to ``out`` (atomic replace)."""
+def write_file(
+    out: str | os.PathLike, write: Callable[[Path], None], overwrite: bool,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> None:  # fmt: skip
+    """Calls ``write(scratch_path)`` and renames the result to ``out`` (atomic replace).
+
+    ``out`` is refused as :func:`refuse_existing` refuses it, and where it is a folder.
+    """
     out = Path(out)
-    refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite, inputs)
     if out.is_dir():
         raise CheckpointError(f"{out}: is a folder; expected a file name")
     handle, scratch = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)

@@ -3,7 +3,8 @@
 Every failure a user can cause (a missing or malformed file, an unknown
 flow, a width that does not match the checkpoint, an existing output
 folder) ends in one line on stderr and exit status 2, never a traceback;
-outputs are written whole or not at all.
+outputs are written whole or not at all, and ``--overwrite`` replaces only
+an output the command wrote, never an input or a folder of the user's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,11 +35,20 @@ from .checkpoint import (
     load_model,
     parse_flow,
     refuse_existing,
+    resolve,
     save_model,
     write_file,
     write_folder,
 )
-from .data_files import BUILT_IN, DataError, Rows, check_width, load_rows, standardization
+from .data_files import (
+    BUILT_IN,
+    DataError,
+    Rows,
+    check_range,
+    check_width,
+    load_rows,
+    standardization,
+)
 from .datasets import gaussian_mixture_log_prob
 from .training import fit_density, held_out_count, log_prob_in_chunks, mean_nll
 
@@ -49,6 +60,13 @@ DEFAULT_LR = {"lu-net": 1e-2, "activation": 1e-2, "coupling": 3e-3, "spline": 3e
 DEFAULT_STEPS = 2000
 #: ... within these bounds.
 EPOCH_RANGE = (5, 200)
+#: The fewest training rows ``fit`` accepts: the Gaussian baseline's covariance needs two.
+MIN_TRAIN_ROWS = 2
+#: ``sample`` draws (and writes) this many values at a time, so any -n fits in memory ...
+SAMPLE_CHUNK = 2**20
+#: ... and refuses an output file that would not fit on its disk, at about this many
+#: bytes per value (%.17g and a comma; NPY: 8).
+CSV_BYTES_PER_VALUE = 20
 #: The demo's LU-Net: 16 blocks for 50 epochs (2.8 nats on the ring, against
 #: 3.56 for the best Gaussian and 2.12 for the truth, in about 20 s).
 DEMO_BLOCKS, DEMO_EPOCHS = 16, 50
@@ -65,10 +83,15 @@ def _device(name: str) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise CommandError(f"unknown device {name!r}; expected e.g. cpu, cuda or cuda:1") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CommandError(f"unsupported device {name!r}; expected cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"device {name!r} asked for, but CUDA is not available here")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise CommandError(f"unsupported device {name!r}; expected cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CommandError(f"device {name!r} asked for, but this machine has "
+                           f"{torch.cuda.device_count()} CUDA device(s)")  # fmt: skip
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"device {name!r} asked for, but MPS is not available here")
     return device
 
 
@@ -120,15 +143,24 @@ def fit(args: argparse.Namespace) -> int:
     builder, _ = parse_flow(args.flow)
     device = _device(args.device)
     out = Path(args.out) if args.out else free_name(Path("runs") / Path(args.data).stem)
-    refuse_existing(out, args.overwrite)  # before any work, not only once the fit is done
+    inputs = _inputs(args.data)
+    # Before any work, not only once the fit is done.
+    refuse_existing(out, args.overwrite, inputs, folder=True)
     rows = load_rows(args.data, num_rows=args.rows, seed=args.seed,
                      drop_nonfinite=args.drop_nonfinite, key=args.key)  # fmt: skip
     if rows.dropped:
         print(f"dropped {rows.dropped} rows holding NaN or infinite values")
     if len(rows.values) < 10:
         raise CommandError(f"{args.data}: {len(rows.values)} rows; need at least 10 to fit")
+    num_val = held_out_count(len(rows.values), args.val_fraction)
+    if len(rows.values) - num_val < MIN_TRAIN_ROWS:
+        raise CommandError(
+            f"--val-fraction {args.val_fraction:g} holds out {num_val} of the "
+            f"{len(rows.values)} rows, leaving {len(rows.values) - num_val} to train on (need "
+            f"at least {MIN_TRAIN_ROWS}); pass a smaller --val-fraction"
+        )
     image_shape = _image_shape(args.image_shape, rows)
-    mean, scale = standardization(rows)
+    mean, scale = standardization(rows, args.dtype)
     blocks = DEFAULT_BLOCKS[builder] if args.blocks is None else args.blocks
     lr = DEFAULT_LR[builder] if args.lr is None else args.lr
     config = ModelConfig(
@@ -143,7 +175,6 @@ def fit(args: argparse.Namespace) -> int:
     except ValueError as error:  # e.g. a coupling flow on one column
         raise CommandError(f"cannot build {args.flow} for {rows.dim} columns: {error}") from None
     data = torch.as_tensor(rows.values, dtype=getattr(torch, args.dtype), device=device)
-    num_val = held_out_count(len(data), args.val_fraction)
     steps_per_epoch = math.ceil((len(data) - num_val) / args.batch_size)
     epochs = args.epochs or min(max(math.ceil(DEFAULT_STEPS / steps_per_epoch), EPOCH_RANGE[0]),
                                 EPOCH_RANGE[1])  # fmt: skip
@@ -151,7 +182,7 @@ def fit(args: argparse.Namespace) -> int:
     print(f"fitting {args.flow} ({blocks} blocks, {num_params:,} parameters) to "
           f"{len(data) - num_val} rows of {args.data} (D={rows.dim}), {num_val} held out, "
           f"{epochs} epochs on {device}")  # fmt: skip
-    with write_folder(out, args.overwrite) as scratch:
+    with write_folder(out, args.overwrite, inputs) as scratch:
         result = fit_density(
             ComposeTransformModule(model.transforms), data, epochs=epochs,
             batch_size=args.batch_size, lr=lr, val_fraction=args.val_fraction,
@@ -216,44 +247,79 @@ def _report(out: Path, metrics: dict, figures: list[str]) -> None:
 
 
 # ------------------------------------------------------------ score/sample
+def _inputs(data: str | None, checkpoint: Path | None = None) -> list[Path]:
+    """The files a command reads, which no output may replace (a built-in name is no file)."""
+    files = [] if data is None or data in BUILT_IN else [Path(data)]
+    return files + (sorted(checkpoint.iterdir()) if checkpoint else [])
+
+
 def _load(args) -> tuple:
     device = _device(args.device)
     model, config = load_model(args.checkpoint, device)
     return model, config, device
 
 
-def _write_table(path: str | None, header: list[str], columns: np.ndarray, overwrite: bool):
-    """Rows to a CSV or NPY file (atomically), or as CSV to stdout without a path."""
+def _check_output(path: str | None, overwrite: bool, inputs: list[Path]) -> str | None:
+    """Refuses an output file (its type, an existing one, an input) before any work;
+    returns its suffix, ``None`` for stdout."""
     if path is None:
-        sys.stdout.write(",".join(header) + "\n")
-        np.savetxt(sys.stdout, columns, delimiter=",", fmt="%.17g")
-        return
+        return None
     suffix = Path(path).suffix.lower()
     if suffix not in (".csv", ".npy"):
         raise CommandError(f"{path}: unknown output type {suffix!r}; expected .csv or .npy")
+    if not Path(path).parent.is_dir():
+        raise CommandError(f"{path}: no folder {Path(path).parent} to write into")
+    refuse_existing(path, overwrite, inputs)
+    return suffix
+
+
+def _write_table(path: str | None, header: list[str], shape: tuple[int, ...], chunks,
+                 overwrite: bool, inputs: list[Path]) -> None:  # fmt: skip
+    """Rows, arriving as ``chunks`` of the whole ``shape``, to a CSV or NPY file (atomically),
+    or as CSV to stdout without a path; never more than a chunk in memory."""
+    if path is None:
+        sys.stdout.write(",".join(header) + "\n")
+        for chunk in chunks:
+            np.savetxt(sys.stdout, chunk, delimiter=",", fmt="%.17g")
+        return
+    npy = Path(path).suffix.lower() == ".npy"
 
     def write(scratch: Path) -> None:
-        if suffix == ".npy":
-            with scratch.open("wb") as file:
-                np.save(file, columns)
-        else:
-            np.savetxt(scratch, columns, delimiter=",", fmt="%.17g", header=",".join(header),
-                       comments="")  # fmt: skip
+        with scratch.open("wb") as file:
+            if npy:  # the header np.save writes, then the values as they come
+                header_data = {"descr": "<f8", "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_1_0(file, header_data)
+            else:
+                file.write((",".join(header) + "\n").encode())
+            for chunk in chunks:
+                if npy:
+                    file.write(np.ascontiguousarray(chunk, dtype="<f8").tobytes())
+                else:
+                    np.savetxt(file, chunk, delimiter=",", fmt="%.17g")
 
-    write_file(path, write, overwrite)
+    write_file(path, write, overwrite, inputs)
 
 
 def score(args: argparse.Namespace) -> int:
     """Writes the log-density (nats, the data's units) of every row of DATA under a checkpoint."""
     model, config, device = _load(args)
+    inputs = _inputs(args.data, resolve(args.checkpoint))
+    suffix = _check_output(args.output, args.overwrite, inputs)
     rows = load_rows(args.data, drop_nonfinite=args.drop_nonfinite, key=args.key)
     check_width(rows, config.input_dim, f"the checkpoint {args.checkpoint}")
+    check_range(rows, config.dtype)
     data = torch.as_tensor(rows.values, dtype=getattr(torch, config.dtype), device=device)
-    log_p = log_prob_in_chunks(model, data).cpu().double().numpy()
+    try:
+        log_p = log_prob_in_chunks(model, data).cpu().double().numpy()
+    except ValueError:  # the base density's check of what the flow made of a far-out row
+        raise CommandError(
+            f"{args.data}: some rows lie so far from the fitted data that their log-density "
+            f"overflows {config.dtype}; fit with --dtype float64 or rescale the data"
+        ) from None
     table = np.column_stack([rows.row_numbers + 1, log_p])
-    if args.output is not None and Path(args.output).suffix.lower() == ".npy":
+    if suffix == ".npy":
         table = log_p  # NumPy users get the plain vector
-    _write_table(args.output, ["row", "log_prob"], table, args.overwrite)
+    _write_table(args.output, ["row", "log_prob"], table.shape, [table], args.overwrite, inputs)
     dropped = f", {rows.dropped} dropped (NaN or infinite)" if rows.dropped else ""
     print(f"scored {len(log_p)} rows{dropped}: mean log-density {log_p.mean():.4f} nats "
           f"({log_p.mean() / (rows.dim * LN2):.4f} bits/dim)", file=sys.stderr)  # fmt: skip
@@ -265,13 +331,29 @@ def sample(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise CommandError(f"-n must be a positive number of rows, got {args.num_samples}")
     model, config, _ = _load(args)
-    torch.manual_seed(args.seed)
-    with torch.no_grad():
-        draws = model.sample((args.num_samples,)).cpu().double().numpy()
-    header = [f"x{i + 1}" for i in range(config.input_dim)]
-    _write_table(args.output, header, draws, args.overwrite)
+    n, dim = args.num_samples, config.input_dim
+    inputs = _inputs(None, resolve(args.checkpoint))
+    suffix = _check_output(args.output, args.overwrite, inputs)
+    if suffix is not None:  # stdout streams as long as its reader reads
+        need = n * dim * (8 if suffix == ".npy" else CSV_BYTES_PER_VALUE)
+        free = shutil.disk_usage(Path(args.output).parent).free
+        if need > free:
+            raise CommandError(
+                f"-n {n}: {n} rows of {dim} values need about {need / 1e9:,.1f} GB in "
+                f"{args.output}, but {free / 1e9:,.1f} GB are free there"
+            )
+
+    def draws():
+        rows = max(1, SAMPLE_CHUNK // dim)
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            for start in range(0, n, rows):
+                yield model.sample((min(rows, n - start),)).cpu().double().numpy()
+
+    header = [f"x{i + 1}" for i in range(dim)]
+    _write_table(args.output, header, (n, dim), draws(), args.overwrite, inputs)
     if args.output:
-        print(f"wrote {args.num_samples} samples to {args.output}", file=sys.stderr)
+        print(f"wrote {n} samples to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -327,6 +409,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**64:  # what torch.manual_seed takes
+        raise argparse.ArgumentTypeError(f"expected a seed from -2**63 to 2**64 - 1, got {text}")
+    return value
+
+
 def _add_training_options(p: argparse.ArgumentParser, epochs_help: str, blocks_help: str) -> None:
     p.add_argument("--blocks", type=_positive_int, help=blocks_help)
     p.add_argument("--epochs", type=_positive_int, help=epochs_help)
@@ -335,8 +424,9 @@ def _add_training_options(p: argparse.ArgumentParser, epochs_help: str, blocks_h
                    "lu-net and activation flows, 0.003 for coupling and spline flows)")  # fmt: skip
     p.add_argument("--rows", type=_positive_int, default=20000,
                    help="rows to draw from a built-in toy data set (20000)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seeds data, split, init, samples (0)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds data, split, init, samples (0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out folder that fit wrote (no other)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -388,16 +478,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write row,log_prob (row: 1-based position in DATA) "
                    "to this .csv, or the log_prob vector to .npy, instead of stdout")  # fmt: skip
     p.add_argument("--device", default="cpu")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output file (never DATA or the checkpoint)")  # fmt: skip
     _add_input_options(p)
 
     p = command("sample", sample)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a folder written by fit")
     p.add_argument("-n", "--num-samples", type=int, required=True, help="rows to draw")
     p.add_argument("-o", "--output", help="write to this .csv or .npy instead of stdout")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output file (never DATA or the checkpoint)")  # fmt: skip
 
     add_bench_arguments(command("bench", bench))
 
@@ -416,6 +508,13 @@ def _flow(text: str) -> str:
     return text
 
 
+def _out_of_memory(error: Exception) -> bool:
+    # torch's CPU allocator fails with a plain RuntimeError, CUDA's with OutOfMemoryError.
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        "can't allocate memory" in str(error)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"pyro-lunet {args.command}"
@@ -428,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as error:
         message = f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        message = "out of memory; ask for fewer rows (--rows, -n) or a smaller --batch-size"
     except KeyboardInterrupt:
         message = "interrupted; no output was written"
         print(f"\n{prog}: {message}", file=sys.stderr)

@@ -16,7 +16,15 @@ import numpy as np
 
 from . import datasets
 
-__all__ = ["BUILT_IN", "DataError", "Rows", "check_width", "load_rows", "standardization"]
+__all__ = [
+    "BUILT_IN",
+    "DataError",
+    "Rows",
+    "check_range",
+    "check_width",
+    "load_rows",
+    "standardization",
+]
 
 
 class DataError(ValueError):
@@ -102,7 +110,9 @@ def load_rows(
 
 
 def _read_csv(path: Path) -> np.ndarray:
-    with path.open(newline="") as file:
+    # "utf-8-sig" drops the byte-order mark Excel's "CSV UTF-8" starts with; left in, it
+    # glues to the first cell, which then reads as a header and the first row is lost.
+    with path.open(newline="", encoding="utf-8-sig") as file:
         try:
             lines = [(number, row) for number, row in enumerate(csv.reader(file), 1) if row]
         except (csv.Error, UnicodeDecodeError) as error:
@@ -192,19 +202,58 @@ def check_width(rows: Rows, expected: int, what: str) -> None:
         raise DataError(f"{rows.source}: rows have {rows.dim} values, but {what} takes {expected}")
 
 
-def standardization(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and standard deviations; refuses constant columns.
+def standardization(rows: Rows, dtype: str = "float64") -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations; refuses constant columns and values ``dtype``
+    cannot hold.
 
     A constant column has no density to fit (the likelihood grows without
-    bound as the model shrinks onto it), so it is an error, not a warning.
+    bound as the model shrinks onto it), so it is an error, not a warning. The
+    model computes ``(x - mean) / scale`` in ``dtype``: a value beyond its range
+    becomes infinite there and training fails with NaN, which would otherwise
+    be blamed on the learning rate.
     """
-    mean = rows.values.mean(0)
-    scale = rows.values.std(0)
-    constant = np.flatnonzero(~(scale > 0) | ~np.isfinite(scale))
+    check_range(rows, dtype)
+    values, info = rows.values, np.finfo(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+        mean, scale = values.mean(0), values.std(0)
+        spread = np.abs(values - mean).max(0)
+        in_dtype = scale.astype(dtype)
+    wider = "pass --dtype float64 or " if info.max < np.finfo(np.float64).max else ""
+    finite = np.isfinite(mean) & np.isfinite(scale)
+    overflow = np.flatnonzero(~finite | (spread > info.max) | np.isinf(in_dtype))
+    if len(overflow):
+        c = overflow[0]
+        raise DataError(
+            f"{rows.source}: column {c + 1} (values up to {np.abs(values[:, c]).max():.3g}) "
+            f"overflows {dtype} when standardized; {wider}rescale it"
+        )
+    constant = np.flatnonzero(~(scale > 0))
     if len(constant):
         cols = ", ".join(str(c + 1) for c in constant[:5]) + (", ..." if len(constant) > 5 else "")
         raise DataError(
             f"{rows.source}: column{'s' * (len(constant) > 1)} {cols} constant; "
             "a density over a constant column is degenerate: remove it"
         )
+    tiny = np.flatnonzero(in_dtype < info.tiny)  # spread lost below dtype's normal numbers
+    if len(tiny):
+        c = tiny[0]
+        raise DataError(
+            f"{rows.source}: column {c + 1} varies by only {scale[c]:.3g}, below what {dtype} "
+            f"resolves ({info.tiny:.3g}); {wider}rescale it"
+        )
     return mean, scale
+
+
+def check_range(rows: Rows, dtype: str) -> None:
+    """Refuses a value beyond ``dtype``'s range (it would become infinite), naming its place.
+
+    Only float32 has such values: beyond float64's range a value reads as infinite.
+    """
+    beyond = np.abs(rows.values) > np.finfo(dtype).max
+    if beyond.any():
+        i, j = np.argwhere(beyond)[0]
+        raise DataError(
+            f"{rows.source}: row {rows.row_numbers[i] + 1}, column {j + 1}: "
+            f"{rows.values[i, j]:.3g} is beyond the range of {dtype} "
+            f"(±{np.finfo(dtype).max:.3g}); fit with --dtype float64 or rescale the data"
+        )

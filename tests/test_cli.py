@@ -18,7 +18,7 @@ import pytest
 SCRIPT = shutil.which("pyro-lunet", path=str(Path(sys.executable).parent)) or "pyro-lunet"
 # Each command's process gets one thread, as the test workers do (conftest).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-FITTED_FILES = {"config.json", "model.pt", "metrics.json", "loss.png"}
+FITTED_FILES = {"config.json", "model.pt", "metrics.json", "loss.png", ".pyro-lunet-run"}
 
 
 def cli(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
@@ -98,14 +98,18 @@ def test_fit_default_folder_is_never_reused(tmp_path):
         assert f"wrote {expected}" in out
 
 
-def test_fit_refuses_existing_folder_and_overwrite_replaces_it(tmp_path):
+def test_fit_refuses_existing_folder_and_overwrite_replaces_only_a_run(tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     assert "already exists" in fails("fit", "moons", "--rows", 200, "--epochs", 1, "--out", out)
+    assert "not a run folder" in fails("fit", "moons", "--rows", 200, "--epochs", 1, "--out", out,
+                                       "--overwrite")  # fmt: skip
     assert (out / "precious.txt").read_text() == "keep me"
-    cli("fit", "moons", "--rows", 200, "--epochs", 1, "--quiet", "--out", out, "--overwrite")
-    assert {p.name for p in out.iterdir()} == FITTED_FILES | {"density.png"}
+    (out / "precious.txt").unlink()
+    for _ in range(2):  # into the empty folder, then over the run written there
+        cli("fit", "moons", "--rows", 200, "--epochs", 1, "--quiet", "--out", out, "--overwrite")
+        assert {p.name for p in out.iterdir()} == FITTED_FILES | {"density.png"}
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no scratch left behind
 
 
