@@ -15,14 +15,18 @@ Both run the guide and model in eval mode under ``no_grad`` (so layers with a
 training-mode approximation, like self-normalizing ones, report exact
 densities) and restore the modes afterwards. Both draw all samples at once
 inside one ``pyro.plate`` by default (``vectorize=True``, for models written
-with plates); ``vectorize=False`` runs the pair once per draw.
+with plates): one pass of the model and guide. A model that cannot run
+vectorized (one written for a single draw, whose sites do not broadcast
+against an extra batch dim) falls back, with a warning, to running the pair
+once per draw, ``num_samples`` passes; ``vectorize=False`` asks for that
+directly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
+import warnings
 
 import pyro
 import pyro.poutine as poutine
@@ -33,11 +37,41 @@ from pyro.poutine.util import prune_subsample_sites
 __all__ = ["PSISDiagnostic", "khat_reading", "psis_khat", "to_inference_data"]
 
 
-class PSISDiagnostic(NamedTuple):
-    """What :func:`psis_khat` returns: the Pareto :math:`\\hat k` and its reading."""
+class PSISDiagnostic(float):
+    """What :func:`psis_khat` returns: the Pareto :math:`\\hat k`, a ``float`` (as
+    Pyro's :func:`~pyro.infer.importance.psis_diagnostic` returns), carrying its
+    reading (:func:`khat_reading`) as ``.reading``.
 
-    khat: float
-    reading: str
+    Code written for the ``(khat, reading)`` named tuple this used to be keeps
+    working: ``.khat`` is the plain float, ``khat, reading = result`` unpacks
+    and ``result == (khat, reading)`` compares.
+    """
+
+    __slots__ = ("reading",)
+
+    def __new__(cls, khat: float, reading: str | None = None):
+        self = super().__new__(cls, khat)
+        self.reading = khat_reading(khat) if reading is None else reading
+        return self
+
+    @property
+    def khat(self) -> float:
+        return float(self)
+
+    def __iter__(self):
+        return iter((float(self), self.reading))
+
+    def __eq__(self, other):
+        return tuple(self) == other if isinstance(other, tuple) else float.__eq__(self, other)
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = float.__hash__
+
+    def __repr__(self) -> str:
+        return f"PSISDiagnostic(khat={float(self)!r}, reading={self.reading!r})"
 
 
 def khat_reading(khat: float) -> str:
@@ -112,25 +146,54 @@ def _draws(model, guide, args, kwargs, num_samples: int, vectorize: bool):
         }
         if vectorize:
             nesting = _plate_nesting(model_trace, guide_trace)
-            log_weights, model_trace, _ = vectorized_importance_weights(
-                model, guide, *args, num_samples=num_samples, max_plate_nesting=nesting, **kwargs
-            )
-            # Sites outside some plates carry singleton dims there; drop them.
-            samples = {
-                name: model_trace.nodes[name]["value"].reshape(num_samples, *shape)
-                for name, shape in shapes.items()
-            }
-        else:
-            values: dict[str, list] = {name: [] for name in shapes}
-            weights = []
-            for _ in range(num_samples):
-                model_trace, guide_trace = _one_pass(model, guide, args, kwargs)
-                weights.append(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
-                for name in shapes:
-                    values[name].append(model_trace.nodes[name]["value"])
-            log_weights = torch.stack(weights)
-            samples = {name: torch.stack(v) for name, v in values.items()}
-    return samples, log_weights.reshape(num_samples), observed
+            try:
+                samples, log_weights = _vectorized_draws(
+                    model, guide, args, kwargs, num_samples, shapes, nesting
+                )
+            # The pair just ran once unvectorized, so whatever fails here is
+            # the vectorization (sites that do not broadcast against the
+            # particle dim, Python control flow on a sampled value, memory):
+            # the serial loop gives the same draws.
+            except Exception as error:
+                reason = (str(error).splitlines() or [""])[0]
+                warnings.warn(
+                    f"the model and guide could not be vectorized over {num_samples} draws "
+                    f"({type(error).__name__}: {reason}); falling back to one draw at a time, "
+                    "which is slower. Write them for vectorized particles, or pass "
+                    "vectorize=False to skip this attempt.",
+                    stacklevel=3,
+                )
+                vectorize = False
+        if not vectorize:
+            samples, log_weights = _serial_draws(model, guide, args, kwargs, num_samples, shapes)
+    return samples, log_weights, observed
+
+
+def _vectorized_draws(model, guide, args, kwargs, num_samples, shapes, nesting):
+    """All draws in one pass, the pair run inside a particle ``pyro.plate``."""
+    log_weights, model_trace, _ = vectorized_importance_weights(
+        model, guide, *args, num_samples=num_samples, max_plate_nesting=nesting, **kwargs
+    )
+    if log_weights.shape != (num_samples,):
+        raise ValueError(f"log weights of shape {tuple(log_weights.shape)}")
+    # Sites outside some plates carry singleton dims there; drop them.
+    samples = {
+        name: model_trace.nodes[name]["value"].reshape(num_samples, *shape)
+        for name, shape in shapes.items()
+    }
+    return samples, log_weights
+
+
+def _serial_draws(model, guide, args, kwargs, num_samples, shapes):
+    """The draws one pass of the pair at a time."""
+    values: dict[str, list] = {name: [] for name in shapes}
+    weights = []
+    for _ in range(num_samples):
+        model_trace, guide_trace = _one_pass(model, guide, args, kwargs)
+        weights.append(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
+        for name in shapes:
+            values[name].append(model_trace.nodes[name]["value"])
+    return {name: torch.stack(v) for name, v in values.items()}, torch.stack(weights)
 
 
 def to_inference_data(
@@ -173,8 +236,10 @@ def to_inference_data(
     :param args: the model's and guide's positional arguments.
     :param int num_samples: draws in all (``num_chains`` x draws per chain).
     :param int num_chains: chains to split the draws into.
-    :param bool vectorize: draw all at once in a ``pyro.plate`` (the model
-        must be vectorizable) or run the pair once per draw.
+    :param bool vectorize: draw all at once in a ``pyro.plate`` (one pass of
+        the model and guide; a model that cannot run so falls back to the
+        serial loop, with a warning), or run the pair once per draw
+        (``num_samples`` passes).
     :param coords: ArviZ coordinates, as for ``az.from_pyro``.
     :param dims: ArviZ dimensions per variable, as for ``az.from_pyro``.
     :param kwargs: the model's and guide's keyword arguments.
@@ -220,7 +285,8 @@ def psis_khat(
     give a steadier estimate; a few hundred is the least that means much.
     When all weights are equal (the guide is the posterior up to its
     normalizing constant) there is no tail to fit and :math:`\hat k` is
-    reported as ``-inf``.
+    reported as ``-inf``. Costs one vectorized pass of the model and guide
+    (or ``num_samples`` passes, see ``vectorize``) and a sort of the weights.
 
     Example::
 
@@ -231,14 +297,16 @@ def psis_khat(
         ...     pyro.sample("z", dist.Normal(0.0, 1.0))
         >>> def exact_guide():
         ...     pyro.sample("z", dist.Normal(0.0, 1.0))
-        >>> psis_khat(model, exact_guide, num_samples=500).reading
-        'good'
+        >>> khat = psis_khat(model, exact_guide, num_samples=500)
+        >>> float(khat), khat.reading
+        (-inf, 'good')
 
     :param model: the Pyro model.
     :param guide: the fitted guide.
     :param int num_samples: draws from the guide.
     :param bool vectorize: as for :func:`to_inference_data`.
-    :returns: a :class:`PSISDiagnostic` ``(khat, reading)``.
+    :returns: :math:`\\hat k`, a ``float`` carrying its reading (a
+        :class:`PSISDiagnostic`).
     """
     import arviz as az
 
@@ -251,4 +319,4 @@ def psis_khat(
     else:
         _, khat = az.psislw(log_weights.numpy())
         khat = float(khat)
-    return PSISDiagnostic(khat, khat_reading(khat))
+    return PSISDiagnostic(khat)

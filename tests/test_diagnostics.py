@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import doctest
 import logging
+import math
 import warnings
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_lunet import diagnostics, khat_reading, psis_khat, to_inference_data
@@ -119,6 +121,52 @@ def test_khat_flags_a_guide_too_narrow():
     pyro.set_rng_seed(0)
     result = psis_khat(_target, narrow, num_samples=2000)
     assert result.khat > 0.7 and result.reading == "do not trust"
+
+
+def test_khat_is_a_float_carrying_its_reading():
+    def wide():
+        pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 1.2).to_event(1))
+
+    pyro.set_rng_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = psis_khat(_target, wide, num_samples=500)
+    assert not [w for w in caught if "vectorized" in str(w.message)]  # no needless fallback
+    assert float(result) == result.khat < 0.5 and result < 0.5 and result.reading == "good"
+    khat, reading = result  # as the (khat, reading) named tuple it used to be
+    assert type(khat) is float and (khat, reading) == result and result != (khat, "usable")
+
+
+def funnel():
+    """Written for one draw: ``x``'s scale takes ``y``'s shape, so it cannot
+    broadcast against a batch of draws."""
+    y = pyro.sample("y", dist.Normal(0.0, 3.0))
+    pyro.sample("x", dist.Normal(torch.zeros(4), torch.exp(y / 2)).to_event(1))
+
+
+@pytest.fixture
+def funnel_guide():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(funnel)
+    svi = SVI(funnel, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    for _ in range(5):
+        svi.step()
+    return guide
+
+
+def test_khat_of_an_unvectorizable_model_falls_back_with_a_warning(funnel_guide):
+    with pytest.warns(UserWarning, match="could not be vectorized.*slower"):
+        result = psis_khat(funnel, funnel_guide, num_samples=300)
+    assert math.isfinite(result) and result.reading == khat_reading(result)
+
+
+def test_inference_data_of_an_unvectorizable_model_falls_back_with_a_warning(funnel_guide):
+    with pytest.warns(UserWarning, match="could not be vectorized.*slower"):
+        post = to_inference_data(funnel, funnel_guide, num_samples=40, num_chains=2).posterior
+    assert post["y"].shape == (2, 20) and post["x"].shape == (2, 20, 4)
+    assert post["x"].dims == ("chain", "draw", "x_dim_0")
+    assert post["x"].std() > 0  # independent draws, not one repeated
 
 
 def test_khat_readings():
