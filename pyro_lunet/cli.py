@@ -183,11 +183,14 @@ def fit(args: argparse.Namespace) -> int:
           f"{len(data) - num_val} rows of {args.data} (D={rows.dim}), {num_val} held out, "
           f"{epochs} epochs on {device}")  # fmt: skip
     with write_folder(out, args.overwrite, inputs) as scratch:
-        result = fit_density(
-            ComposeTransformModule(model.transforms), data, epochs=epochs,
-            batch_size=args.batch_size, lr=lr, val_fraction=args.val_fraction,
-            seed=args.seed, progress=not args.quiet,
-        )  # fmt: skip
+        try:
+            result = fit_density(
+                ComposeTransformModule(model.transforms), data, epochs=epochs,
+                batch_size=args.batch_size, lr=lr, val_fraction=args.val_fraction,
+                seed=args.seed, progress=not args.quiet,
+            )  # fmt: skip
+        except ValueError as error:  # fit_density's data checks (e.g. constant training rows)
+            raise CommandError(str(error)) from None
         train_rows, val_rows = (data[index] for index in result.split)
         metrics = {
             "data": {**config.data, "dim": rows.dim, "train_rows": len(train_rows),
@@ -529,14 +532,29 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")
     except (MemoryError, RuntimeError) as error:
         if not _out_of_memory(error):
-            raise
+            return _internal_error(prog, error)
         message = "out of memory; ask for fewer rows (--rows, -n) or a smaller --batch-size"
     except KeyboardInterrupt:
         message = "interrupted; no output was written"
         print(f"\n{prog}: {message}", file=sys.stderr)
         return 130
+    except Exception as error:
+        return _internal_error(prog, error)
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
+
+
+def _internal_error(prog: str, error: Exception) -> int:
+    """A defect of ours, not the user's: still one line, with the way to see more."""
+    if os.environ.get("PYRO_LUNET_TRACEBACK"):
+        raise error
+    first_line = (str(error).splitlines() or [""])[0]
+    print(
+        f"{prog}: internal error: {type(error).__name__}: {first_line} "
+        "(set PYRO_LUNET_TRACEBACK=1 to see the traceback, and please report it)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -218,3 +218,26 @@ def test_bad_invocations_are_one_line(run, tmp_path, capsys, argv):
     argv = [a.format(data=data, run=run, tmp=tmp_path) for a in argv]
     assert refused(capsys, *argv).startswith(f"pyro-lunet {argv[0]}: error: ")
     assert sorted(tmp_path.iterdir()) == before  # nothing written, nothing removed
+
+
+def test_fit_density_refusals_and_internal_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """An unforeseen error is one line (exit 1); fit_density's own refusals are refusals."""
+    import pyro_lunet.cli as cli
+
+    def broken(*args, **kwargs):
+        raise TypeError("something we did not foresee\nsecond line")
+
+    monkeypatch.setattr(cli, "fit_density", broken)
+    monkeypatch.delenv("PYRO_LUNET_TRACEBACK", raising=False)
+    code = cli.main(["fit", "moons", "--rows", "60", "--epochs", "1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.count("\n") == 1 and "internal error: TypeError: something" in err
+
+    def refuses(*args, **kwargs):
+        raise ValueError("data column 1 is constant (every training row is 2)")
+
+    monkeypatch.setattr(cli, "fit_density", refuses)
+    code = cli.main(["fit", "moons", "--rows", "60", "--epochs", "1", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "column 1 is constant" in err

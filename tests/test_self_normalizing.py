@@ -24,6 +24,13 @@ DIRECTIONS = ["forward", "inverse"]
 
 
 @pytest.fixture(autouse=True)
+def _probes_below_the_batch(monkeypatch):
+    """Random probes as soon as N < D, so small problems exercise them (the layer's
+    minimum of 32 probes is checked in ``test_at_least_32_probes_by_default``)."""
+    monkeypatch.setattr(snf_module, "_MIN_PROBES", 1)
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     """These problems are tiny: one intra-op thread is fastest, and robust to a busy machine."""
     threads = torch.get_num_threads()
@@ -719,3 +726,14 @@ def test_guide_fits_correlated_gaussian_with_svi(loss):
         tracked = layer.log_abs_det()
         layer.eval()
         torch.testing.assert_close(tracked, layer.log_abs_det(), atol=0.02, rtol=0)
+
+
+def test_at_least_32_probes_by_default(monkeypatch):
+    monkeypatch.undo()  # the layer's own minimum
+    W = torch.eye(40, dtype=torch.float64)
+    assert snf_module._probes(1, W[:8, :8]) == (None, 1.0)  # D <= 32: exact
+    assert snf_module._probes(8, W[:32, :32]) == (None, 1.0)
+    probes, weight = snf_module._probes(1, W)  # D = 40 > max(1, 32)
+    assert probes.shape == (32, 40) and weight == 1 / 32
+    probes, weight = snf_module._probes(35, W)
+    assert probes.shape == (35, 40) and weight == 1 / 35

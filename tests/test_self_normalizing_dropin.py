@@ -18,6 +18,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormalizingFlow
 
 from pyro_lunet import self_normalizing_linear
+from pyro_lunet.transforms import self_normalizing as snf_module
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +59,8 @@ def _grads(layer):
 
 # ------------------------------------------------------------------ fits
 def test_guide_trains_with_unmodified_svi_and_trace_elbo():
-    """exact="forward" in AutoNormalizingFlow, plain ``SVI`` + ``Trace_ELBO()`` (one particle:
-    N = 1 < D, random probes), no penalty anywhere: the guide fits a correlated Gaussian.
+    """exact="forward" in AutoNormalizingFlow, plain ``SVI`` + ``Trace_ELBO()`` (one particle;
+    at D = 4 the exact identity probes), no penalty anywhere: the guide fits a correlated Gaussian.
 
     ClippedAdam writes through ``.data`` (parameter versions unchanged) and
     its decay damps the one-particle noise; over 3 seeds the errors were at
@@ -184,9 +185,10 @@ def test_penalty_right_after_a_training_forward_is_the_exact_term(exact):
 
 @pytest.mark.parametrize("rows", [9, 2], ids=["identity probes", "random probes"])
 @pytest.mark.parametrize("c", [3.0, 0.25])
-def test_c_times_penalty_trains_as_weight_c_lambda(rows, c):
+def test_c_times_penalty_trains_as_weight_c_lambda(rows, c, monkeypatch):
     """``loss + c * penalty()`` gives the gradients of the layer built with weight c * lambda
     and no penalty in its loss (same parameters, same probes)."""
+    monkeypatch.setattr(snf_module, "_MIN_PROBES", 1)  # random probes as soon as N < D
     dim, lam = 4, 0.6
     x = torch.randn(rows, dim, dtype=torch.float64)
     upstream = torch.randn(rows, dim, dtype=torch.float64)
