@@ -19,14 +19,56 @@ from torch import Tensor
 from torch.distributions import constraints
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["InvertibleLinear", "VersionedCacheModule", "check_choice", "check_input_dim"]
+__all__ = [
+    "InvertibleLinear",
+    "VersionedCacheModule",
+    "check_choice",
+    "check_input_dim",
+    "check_positive_int",
+    "check_square_matrix",
+    "haar_orthogonal",
+    "random_signs",
+]
+
+
+def check_positive_int(name: str, value, optional: bool = False, minimum: int = 1):
+    """Returns ``value`` if it is an int >= ``minimum`` (or ``None`` when ``optional``),
+    else raises ``ValueError`` naming ``name``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(
+            f"{name} must be {expected}{' or None' if optional else ''}, got {value!r}"
+        )
+    return value
 
 
 def check_input_dim(input_dim: int) -> int:
     """Returns ``input_dim`` if it is a positive int, else raises ``ValueError``."""
-    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
-        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
-    return input_dim
+    return check_positive_int("input_dim", input_dim)
+
+
+def check_square_matrix(name: str, matrix, dim: int) -> Tensor:
+    """``matrix`` as a float64 CPU tensor if it is an invertible ``(dim, dim)`` tensor."""
+    if not isinstance(matrix, Tensor) or matrix.shape != (dim, dim):
+        shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+        raise ValueError(f"{name} must be a tensor of shape {(dim, dim)}, got {shape}")
+    matrix = matrix.detach().to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(matrix).all() or torch.linalg.slogdet(matrix)[0] == 0:
+        raise ValueError(f"{name} must be an invertible matrix, got a singular one")
+    return matrix
+
+
+def haar_orthogonal(dim: int) -> Tensor:
+    """A Haar-random ``(dim, dim)`` orthogonal matrix in float64, from torch's global generator."""
+    q, r = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))  # the sign fix makes the draw Haar
+
+
+def random_signs(*shape: int) -> Tensor:
+    """Independent uniform ``+-1`` entries in the default dtype."""
+    return torch.randint(0, 2, shape).to(torch.get_default_dtype()) * 2 - 1
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -96,17 +138,44 @@ class VersionedCacheModule(TransformModule):
     # Module's repr (with extra_repr) rather than Transform's bare "Name()".
     __repr__ = torch.nn.Module.__repr__
 
+    #: Buffers that change without changing the map (e.g. bookkeeping), left
+    #: out of the cache key so that updating them keeps a cached pair.
+    _unkeyed_buffers: tuple[str, ...] = ()
+
+    # The plumbing below is the base's alone: a family that overrides it
+    # would have to re-implement caching, batching or the bias correctly.
+    _sealed = ("__call__", "_inv_call", "_state_key", "_keyed_tensors")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Sealed by an ancestor: a class may seal what it defines itself.
+        sealed = {name for base in cls.__mro__[1:] for name in vars(base).get("_sealed", ())}
+        overridden = sorted(name for name in sealed if name in vars(cls))
+        if overridden:
+            raise TypeError(
+                f"{cls.__name__} overrides {overridden}, which the base owns; use its hooks "
+                "(_cache_extras, _unkeyed_buffers, _before_use and, for linear layers, "
+                "_matvec, _solve, _log_abs_det, _dense, _affine_rows, _inverse_affine_rows)"
+            )
+
+    def _cache_extras(self) -> tuple:
+        """Anything besides the tensors that decides a result (e.g. a mode flag); hashable."""
+        return ()
+
     def _state_key(self) -> tuple:
         return (
             torch.is_grad_enabled(),
             self.training,
             optimizer_step_count(),
+            *self._cache_extras(),
             *((t._version, t.data_ptr(), t.requires_grad) for t in self._keyed_tensors()),
         )
 
     def _keyed_tensors(self) -> list[Tensor]:
         """The tensors whose in-place changes invalidate the caches."""
-        return [*self.parameters(), *self.buffers()]
+        skip = self._unkeyed_buffers
+        buffers = (b for name, b in self.named_buffers() if name not in skip)
+        return [*self.parameters(), *buffers]
 
     def _before_use(self) -> None:
         """Work owed since the last optimizer step, done before the module is used.
@@ -225,9 +294,13 @@ class VersionedCacheModule(TransformModule):
 class InvertibleLinear(VersionedCacheModule):
     r"""Abstract base of the invertible affine maps :math:`y = W x + b` on :math:`\mathbb{R}^D`.
 
-    Subclasses implement the four hooks below on 2-D inputs ``(N, D)``; the
-    base class handles every batch shape ``(*batch, D)``, the bias, input
-    validation and caching.
+    Subclasses implement the four hooks below on 2-D inputs ``(N, D)`` (and
+    may override :meth:`_affine_rows` / :meth:`_inverse_affine_rows` to fuse
+    the bias, :meth:`_before_use`, :meth:`_cache_extras` and
+    ``_unkeyed_buffers``); the base class handles every batch shape
+    ``(*batch, D)``, empty batches, the bias, input validation and caching,
+    and refuses at class creation a subclass that overrides that plumbing
+    (``_call``, ``_inverse``, ``__call__``, the cache key).
 
     Caching is :class:`VersionedCacheModule`'s: it never goes stale.
 
@@ -282,22 +355,38 @@ class InvertibleLinear(VersionedCacheModule):
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, bias={self.bias is not None}"
 
-    # -------------------------------------------------------------- transform
-    def _call(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        y = self._batched(self._matvec, x)
+    def _affine_rows(self, x: Tensor) -> Tensor:
+        """Rows of ``W x + b`` for ``x`` of shape ``(N, D)``, N >= 1.
+
+        Override to fuse the bias into the product's last pass.
+        """
+        y = self._matvec(x)
         return y if self.bias is None else y + self.bias
 
-    def _inverse(self, y: Tensor) -> Tensor:
-        self._check_input(y)
+    def _inverse_affine_rows(self, y: Tensor) -> Tensor:
+        """Rows of ``W^-1 (y - b)`` for ``y`` of shape ``(N, D)``, N >= 1.
+
+        Override to fuse the bias into the solve's first pass.
+        """
         if self.bias is None:
-            return self._batched(self._solve, y)
+            return self._solve(y)
         if y.requires_grad or not self.bias.requires_grad:
-            return self._batched(self._solve, y - self.bias)
+            return self._solve(y - self.bias)
         # Data that needs no gradient (a density model's first layer): with
         # W^-1 (y - b) = W^-1 y - W^-1 b the bias's gradient takes one
         # matrix-vector solve instead of a gradient for the whole batch.
-        return self._batched(self._solve, y) - self._solve(self.bias.unsqueeze(0)).squeeze(0)
+        return self._solve(y) - self._solve(self.bias.unsqueeze(0)).squeeze(0)
+
+    # -------------------------------------------------------------- transform
+    _sealed = (*VersionedCacheModule._sealed, "_call", "_inverse")
+
+    def _call(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return self._batched(self._affine_rows, x)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        self._check_input(y)
+        return self._batched(self._inverse_affine_rows, y)
 
     def _batched(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         if x.numel() == 0:

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import InvertibleLinear, check_choice
+from .base import InvertibleLinear, check_choice, check_positive_int, random_signs
 
 __all__ = ["ButterflyLinear", "butterfly_linear"]
 
@@ -413,8 +413,7 @@ class ButterflyLinear(InvertibleLinear):
             raise ValueError(
                 f"num_levels must be in [0, {bits}] for input_dim={input_dim}, got {num_levels}"
             )
-        if isinstance(block_levels, bool) or not isinstance(block_levels, int) or block_levels < 1:
-            raise ValueError(f"block_levels must be a positive int, got {block_levels!r}")
+        check_positive_int("block_levels", block_levels)
         check_choice("init", init, ("identity", "rotation", "orthogonal"))
         self.num_levels = num_levels
         self.block_levels = block_levels
@@ -434,7 +433,7 @@ class ButterflyLinear(InvertibleLinear):
         if init in ("rotation", "orthogonal"):
             angle.uniform_(-math.pi, math.pi)
         if init == "orthogonal":
-            sign[:, 1] = torch.randint(0, 2, (num_pairs,)).to(dtype) * 2 - 1
+            sign[:, 1] = random_signs(num_pairs)
         self.angle = torch.nn.Parameter(angle)
         self.log_scale = torch.nn.Parameter(torch.zeros(num_pairs, 2, dtype=dtype))
         self.shear = torch.nn.Parameter(torch.zeros(num_pairs, dtype=dtype))
@@ -489,21 +488,17 @@ class ButterflyLinear(InvertibleLinear):
     def _solve(self, y: Tensor) -> Tensor:
         return self._product(y, self._matrices(inverse=True), inverse=True)
 
-    # _call and _inverse do what the base class does, with the bias folded
-    # into the products' last pass (and, inverse, the blocks assembled once
-    # for both W^-1 y and W^-1 b).
-    def _call(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        mats = self._matrices(inverse=False)
-        return self._batched(lambda rows: self._product(rows, mats, False, self.bias), x)
+    # The bias folded into the products' last pass (and, inverse, the blocks
+    # assembled once for both W^-1 y and W^-1 b).
+    def _affine_rows(self, x: Tensor) -> Tensor:
+        return self._product(x, self._matrices(inverse=False), False, self.bias)
 
-    def _inverse(self, y: Tensor) -> Tensor:
-        self._check_input(y)
+    def _inverse_affine_rows(self, y: Tensor) -> Tensor:
         mats = self._matrices(inverse=True)
         shift = None
         if self.bias is not None:
             shift = -self._product(self.bias.unsqueeze(0), mats, inverse=True).squeeze(0)
-        return self._batched(lambda rows: self._product(rows, mats, True, shift), y)
+        return self._product(y, mats, True, shift)
 
     def _log_abs_det(self) -> Tensor:
         return self.log_scale.sum()

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .base import InvertibleLinear, check_choice
+from .base import InvertibleLinear, check_choice, check_positive_int, random_signs
 
 __all__ = ["CirculantDiagonalLinear", "circulant_diagonal_linear"]
 
@@ -256,8 +256,7 @@ class CirculantDiagonalLinear(InvertibleLinear):
         cache_size: int = 1,
     ):
         super().__init__(input_dim, bias=bias, cache_size=cache_size)
-        if isinstance(num_factors, bool) or not isinstance(num_factors, int) or num_factors < 2:
-            raise ValueError(f"num_factors must be an int >= 2, got {num_factors!r}")
+        check_positive_int("num_factors", num_factors, minimum=2)
         check_choice("init", init, ("identity", "orthogonal"))
         self.num_factors = num_factors
         dim, m = input_dim, num_factors
@@ -269,8 +268,8 @@ class CirculantDiagonalLinear(InvertibleLinear):
         if init == "orthogonal":
             with torch.no_grad():
                 self.phase.uniform_(-math.pi, math.pi)
-            scale_sign = _random_sign(m, dim)
-            spectrum_sign = _random_sign(m - 1, num_real)
+            scale_sign = random_signs(m, dim)
+            spectrum_sign = random_signs(m - 1, num_real)
         self.register_buffer("scale_sign", scale_sign)
         self.register_buffer("spectrum_sign", spectrum_sign)
         # log|det| weights of the half-spectrum's bins; derived, so not saved.
@@ -345,21 +344,14 @@ class CirculantDiagonalLinear(InvertibleLinear):
     # ----------------------------------------------------------- transform
     # The bias is fused into the chain: W x + b adds it in the last diagonal's
     # pass, W^-1 (y - b) subtracts it in the first one.
-    def _call(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        return self._batched(lambda rows: self._chain(rows, False, post=self.bias), x)
+    def _affine_rows(self, x: Tensor) -> Tensor:
+        return self._chain(x, False, post=self.bias)
 
-    def _inverse(self, y: Tensor) -> Tensor:
-        self._check_input(y)
-        pre = None if self.bias is None else -self.bias
-        return self._batched(lambda rows: self._chain(rows, True, pre=pre), y)
+    def _inverse_affine_rows(self, y: Tensor) -> Tensor:
+        return self._chain(y, True, pre=None if self.bias is None else -self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_factors={self.num_factors}"
-
-
-def _random_sign(*shape: int) -> Tensor:
-    return torch.randint(0, 2, shape).to(torch.get_default_dtype()) * 2 - 1
 
 
 def circulant_diagonal_linear(input_dim: int, **kwargs) -> CirculantDiagonalLinear:

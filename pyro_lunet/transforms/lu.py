@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import InvertibleLinear, check_choice
+from .base import InvertibleLinear, check_choice, check_square_matrix, haar_orthogonal
 
 __all__ = ["LULinear", "lu_linear"]
 
@@ -231,18 +231,14 @@ class LULinear(InvertibleLinear):
 def _initial_factors(dim: int, init, product: str) -> tuple[Tensor, Tensor]:
     """``(packed, sign)`` for the requested initial matrix."""
     if isinstance(init, Tensor):
-        if init.shape != (dim, dim):
-            raise ValueError(f"init matrix must have shape {(dim, dim)}, got {tuple(init.shape)}")
-        matrix = init.detach().to(torch.float64)
+        matrix = check_square_matrix("init matrix", init, dim)
         if product == "inverse":
             matrix = torch.linalg.inv(matrix)
         lower, upper = _lu_without_pivoting(matrix)
     elif init == "identity":
         return torch.zeros(dim, dim), torch.ones(dim)
     elif init == "orthogonal":
-        q, r = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64))
-        q = q * torch.sign(torch.diagonal(r))  # Haar measure
-        _, lower, upper = torch.linalg.lu(q)  # L U = P^T q, orthogonal too
+        _, lower, upper = torch.linalg.lu(haar_orthogonal(dim))  # L U = P^T q, orthogonal too
     else:
         raise ValueError(f"init must be 'identity', 'orthogonal' or a tensor, got {init!r}")
     diag = upper.diagonal()

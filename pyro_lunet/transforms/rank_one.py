@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .base import InvertibleLinear
+from .base import InvertibleLinear, check_positive_int, check_square_matrix, haar_orthogonal
 
 __all__ = ["RankOneUpdatedLinear", "rank_one_updated_linear"]
 
@@ -207,11 +207,7 @@ class RankOneUpdatedLinear(InvertibleLinear):
         self.register_buffer("A_inv", a_inv)
         self.register_buffer("log_abs_det_A", log_abs_det)
         self.register_buffer("sign_det_A", sign)
-        if merge_every is not None and (
-            isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1
-        ):
-            raise ValueError(f"merge_every must be a positive int or None, got {merge_every!r}")
-        self.merge_every = merge_every
+        self.merge_every = check_positive_int("merge_every", merge_every, optional=True)
         # From the global generator: seeded runs, and replicas, agree.
         self._upkeep = _Upkeep(int(torch.randint(2**62, ())))
 
@@ -420,8 +416,7 @@ class RankOneUpdatedLinear(InvertibleLinear):
             and its sign exactly (``slogdet``), clearing the log-determinant's
             own drift.
         """
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        check_positive_int("steps", steps, minimum=0)
         a, x = self.A, self.A_inv
         eye = torch.eye(self.input_dim, dtype=a.dtype, device=a.device)
         far = None
@@ -475,13 +470,11 @@ def _initial_base(dim: int, init) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(A, A^-1, log|det A|, sign det A)`` in the default dtype."""
     dtype = torch.get_default_dtype()
     if isinstance(init, Tensor):
-        if init.shape != (dim, dim):
-            raise ValueError(f"init matrix must have shape {(dim, dim)}, got {tuple(init.shape)}")
-        a = init.detach().to("cpu", torch.float64)
+        a = check_square_matrix("init matrix", init, dim)
         sign, log_abs_det = torch.linalg.slogdet(a)
         a_inv, info = torch.linalg.inv_ex(a)
-        if sign == 0 or info != 0 or not torch.isfinite(a_inv).all():
-            raise ValueError("init matrix must be invertible, got a singular matrix")
+        if info != 0 or not torch.isfinite(a_inv).all():
+            raise ValueError("init matrix must be an invertible matrix, got a singular one")
     elif init == "identity":
         a = a_inv = torch.eye(dim, dtype=torch.float64)
         sign, log_abs_det = torch.tensor(1.0), torch.tensor(0.0)
@@ -490,8 +483,7 @@ def _initial_base(dim: int, init) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # The reversal is floor(D / 2) transpositions.
         sign, log_abs_det = torch.tensor(-1.0 if dim // 2 % 2 else 1.0), torch.tensor(0.0)
     elif init == "orthogonal":
-        q, r = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64))
-        a = q * torch.sign(torch.diagonal(r))  # Haar measure
+        a = haar_orthogonal(dim)
         a_inv = a.T
         sign, log_abs_det = torch.linalg.slogdet(a)[0], torch.tensor(0.0)
     else:

@@ -7,7 +7,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import InvertibleLinear, check_choice
+from .base import (
+    InvertibleLinear,
+    check_choice,
+    check_positive_int,
+    check_square_matrix,
+    haar_orthogonal,
+)
 
 __all__ = ["SelfNormalizingLinear", "self_normalizing_linear"]
 
@@ -328,9 +334,7 @@ class SelfNormalizingLinear(InvertibleLinear):
             raise ValueError(f"reconstruction_weight must be >= 0, got {reconstruction_weight!r}")
         self.reconstruction_weight = float(reconstruction_weight)
         self.approximate = bool(approximate)
-        if isinstance(anchor_every, bool) or not isinstance(anchor_every, int) or anchor_every < 1:
-            raise ValueError(f"anchor_every must be a positive int, got {anchor_every!r}")
-        self.anchor_every = anchor_every
+        self.anchor_every = check_positive_int("anchor_every", anchor_every)
         weight = _initial_weight(input_dim, init)
         dtype = torch.get_default_dtype()
         # R is stored transposed: every gradient and the log-det tracking then
@@ -379,13 +383,10 @@ class SelfNormalizingLinear(InvertibleLinear):
     def _solve(self, y: Tensor) -> Tensor:
         return self._fast_side(y) if self.exact == "forward" else self._exact_side(y)
 
-    def _inverse(self, y: Tensor) -> Tensor:
+    def _inverse_affine_rows(self, y: Tensor) -> Tensor:
         # A^-1 (y - b) with the bias removed first, so the exact side's input
-        # (and its recorded reconstruction input) is W's own input.
-        self._check_input(y)
-        if self.bias is not None:
-            y = y - self.bias
-        return self._batched(self._solve, y)
+        # is W's own input.
+        return self._solve(y if self.bias is None else y - self.bias)
 
     # ------------------------------------------------------------ determinants
     def _log_abs_det(self) -> Tensor:
@@ -410,14 +411,13 @@ class SelfNormalizingLinear(InvertibleLinear):
     def _param_key(self) -> tuple:
         return (self.W._version, self.W.data_ptr(), self.RT._version, self.RT.data_ptr())
 
-    def _keyed_tensors(self) -> list[Tensor]:
-        # The tracking buffers change inside log_abs_det() but never change
-        # the map, so they stay out of the cache key: a cached rsample ->
-        # log_prob pair survives them.
-        return list(self.parameters())
+    # The tracking buffers change inside log_abs_det() but never change the
+    # map, so they stay out of the cache key: a cached rsample -> log_prob
+    # pair survives them.
+    _unkeyed_buffers = ("tracked_log_det", "tracked_W", "tracked_RT")
 
-    def _state_key(self) -> tuple:
-        return (*super()._state_key(), self.approximate)  # it changes the fast side
+    def _cache_extras(self) -> tuple:
+        return (self.approximate,)  # it changes the fast side
 
     @torch.no_grad()
     def _anchor(self) -> None:
@@ -495,19 +495,12 @@ class SelfNormalizingLinear(InvertibleLinear):
 def _initial_weight(dim: int, init) -> Tensor:
     """The initial W in float64."""
     if isinstance(init, Tensor):
-        if init.shape != (dim, dim):
-            raise ValueError(f"init matrix must have shape {(dim, dim)}, got {tuple(init.shape)}")
-        weight = init.detach().to(device="cpu", dtype=torch.float64)
-        sign, _ = torch.linalg.slogdet(weight)
-        if sign == 0:
-            raise ValueError("init matrix must be invertible, got a singular matrix")
-        return weight
+        return check_square_matrix("init matrix", init, dim)
     if init == "identity":
         noise = torch.randn(dim, dim, dtype=torch.float64) * (0.01 / dim**0.5)
         return torch.eye(dim, dtype=torch.float64) + noise
     if init == "orthogonal":
-        q, r = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64))
-        return q * torch.sign(torch.diagonal(r))  # Haar measure
+        return haar_orthogonal(dim)
     raise ValueError(f"init must be 'identity', 'orthogonal' or a tensor, got {init!r}")
 
 
