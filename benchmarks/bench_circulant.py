@@ -31,7 +31,7 @@ from pyro_lunet.benchmark import median_times
 def _layers(dim: int, num_factors: int):
     torch.manual_seed(0)
     circulant = circulant_diagonal_linear(dim, num_factors=num_factors, init="orthogonal")
-    lu = lu_linear(dim, init="orthogonal")  # product="forward": its inverse solves
+    lu = lu_linear(dim, init="orthogonal")  # role="guide": its inverse solves
     dense = torch.nn.Parameter(lu.weight().detach().clone())
     with torch.no_grad():  # away from the initial values, as after training
         for p in (*circulant.parameters(), *lu.parameters()):

@@ -3,7 +3,7 @@
 Two tables:
 
 * Speed: one training step of a density model made of one dense D x D
-  layer (``exact="inverse"``: scoring applies W), float32, B = 128:
+  layer (``role="density"``: scoring applies W), float32, B = 128:
   ``-log_prob(x).mean()`` plus the layer's reconstruction penalty, backward,
   and an Adam step, for D in 256, 512, 1024, 2048. The exact-gradient
   baseline is the same layer in eval mode, where it is an ordinary dense
@@ -47,7 +47,7 @@ def _standard_normal(dim: int) -> dist.Distribution:
 # ------------------------------------------------------------------- speed
 def _step_fn(dim, batch, snf: bool, optimizer_step: bool):
     torch.manual_seed(0)
-    layer = self_normalizing_linear(dim, exact="inverse")
+    layer = self_normalizing_linear(dim, role="density")
     layer.train(snf)  # eval mode: an ordinary dense layer, exact gradients
     flow = dist.TransformedDistribution(_standard_normal(dim), [layer])
     opt = torch.optim.Adam(layer.parameters(), lr=1e-4)

@@ -43,25 +43,29 @@ import torch
 
 from . import __version__
 from .training import penalty
-from .transforms import (
-    butterfly_linear,
-    circulant_diagonal_linear,
-    lu_linear,
-    rank_one_updated_linear,
-    self_normalizing_linear,
-)
+from .transforms import FAMILIES
 
 # -------------------------------------------------------------------- ours
-# Row name -> factory ``D -> TransformModule``. A family joins with a line.
-OURS: dict[str, Callable[[int], torch.nn.Module]] = {
-    "lu[product=forward]": partial(lu_linear, product="forward"),
-    "lu[product=inverse]": partial(lu_linear, product="inverse"),
-    "rank_one": rank_one_updated_linear,
-    "butterfly": butterfly_linear,
-    "circulant": circulant_diagonal_linear,
-    "self_normalizing[exact=inverse]": partial(self_normalizing_linear, exact="inverse"),
-    "self_normalizing[exact=forward]": partial(self_normalizing_linear, exact="forward"),
-}
+
+
+def our_rows() -> dict[str, Callable[[int], torch.nn.Module]]:
+    """Row name -> factory ``D -> TransformModule``, one per registered family and role.
+
+    A family whose role changes the layer (``directional``) gets a row per
+    role, ``name[role=guide]`` and ``name[role=density]``; the others one row.
+    """
+    rows: dict[str, Callable[[int], torch.nn.Module]] = {}
+    for name, family in FAMILIES.items():
+        if family.directional:
+            for role in ("guide", "density"):
+                rows[f"{name}[role={role}]"] = partial(family.factory, role=role)
+        else:
+            rows[name] = family.factory
+    return rows
+
+
+#: The rows of the registered families at import (``our_rows()`` reads the registry anew).
+OURS: dict[str, Callable[[int], torch.nn.Module]] = our_rows()
 
 
 @dataclass(frozen=True)
@@ -84,15 +88,15 @@ class Target:
 
 
 TARGETS: list[Target] = [
-    Target("LU density step vs nflows step", "lu[product=inverse]", "density", 1024,
+    Target("LU density step vs nflows step", "lu[role=density]", "density", 1024,
            "nflows", "density", 0.8),
-    Target("LU guide step vs nflows step", "lu[product=forward]", "guide", 1024,
+    Target("LU guide step vs nflows step", "lu[role=guide]", "guide", 1024,
            "nflows", "density", 0.8),
-    Target("LU no-grad sampling vs fastest peer", "lu[product=forward]", "sample", 1024,
+    Target("LU no-grad sampling vs fastest peer", "lu[role=guide]", "sample", 1024,
            "fastest peer", "sample", 0.6),
-    Target("LU no-grad scoring vs fastest peer", "lu[product=inverse]", "score", 1024,
+    Target("LU no-grad scoring vs fastest peer", "lu[role=density]", "score", 1024,
            "fastest peer", "score", 0.6),
-    Target("LU density step vs Pyro GeneralizedChannelPermute", "lu[product=inverse]",
+    Target("LU density step vs Pyro GeneralizedChannelPermute", "lu[role=density]",
            "density", 256, "pyro GeneralizedChannelPermute", "density", 0.01),
     Target("rank-one density step vs nflows step", "rank_one", "density", 1024,
            "nflows", "density", 0.6),
@@ -330,7 +334,7 @@ def run(dims, batch, repeats, min_seconds, only=None, skip_slow_peers_above=512)
         torch.manual_seed(0)
         runners: list[Runner] = [
             PyroRunner(name, make(dim), dim)
-            for name, make in OURS.items()
+            for name, make in our_rows().items()
             if only is None or any(o in name for o in only)
         ]
         # Above these sizes a peer's call takes minutes or tens of GB (GCP

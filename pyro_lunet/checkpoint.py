@@ -30,9 +30,10 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
 
-from .flows import LAYERS, activation_flow, coupling_flow
+from .flows import activation_flow, coupling_flow
 from .training import standard_normal
 from .transforms.lu_net import lu_net
+from .transforms.registry import FAMILIES
 
 __all__ = [
     "BUILDERS",
@@ -75,7 +76,7 @@ def _init(dim: int) -> dict:
 
 
 BUILDERS: dict[str, Callable[[int, int, str], ComposeTransformModule]] = {
-    "lu-net": lambda d, k, family: lu_net(d, k, product="inverse", **_init(d)),
+    "lu-net": lambda d, k, family: lu_net(d, k, role="density", **_init(d)),
     "activation": lambda d, k, family: activation_flow(
         d, k, family, role="density", layer_kwargs=_init(d)
     ),
@@ -89,7 +90,8 @@ class CheckpointError(ValueError):
 
 
 def _family_names() -> list[str]:
-    return [name.replace("_", "-") for name in LAYERS]
+    """The registered families, as the command line spells them (dashes)."""
+    return [name.replace("_", "-") for name in FAMILIES]
 
 
 def flow_names() -> list[str]:
@@ -108,7 +110,11 @@ def parse_flow(spec: str) -> tuple[str, str]:
     """
     builder, _, family = spec.partition(":")
     family = (family or "lu").replace("-", "_")
-    if builder not in BUILDERS or family not in LAYERS or (builder == "lu-net" and family != "lu"):
+    if (
+        builder not in BUILDERS
+        or family not in FAMILIES
+        or (builder == "lu-net" and family != "lu")
+    ):
         raise CheckpointError(
             f"unknown flow {spec!r}; expected lu-net or BUILDER:FAMILY with BUILDER one of "
             f"{', '.join(b for b in BUILDERS if b != 'lu-net')} and FAMILY one of "

@@ -16,13 +16,12 @@ A stack of linear layers alone is only an affine map of the base noise, i.e.
 a Gaussian, however many layers it has: use these builders (or
 :func:`~pyro_lunet.lu_net`) for anything non-Gaussian.
 
-The family is picked by name (see :data:`LAYERS`) or by a factory
-``input_dim -> TransformModule``.
+The family is picked by name (see :func:`~pyro_lunet.families` and the
+registry :data:`~pyro_lunet.FAMILIES`) or by a factory ``input_dim -> TransformModule``.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Literal
 
@@ -30,42 +29,29 @@ from pyro.distributions import TransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.distributions.transforms import affine_coupling, spline_coupling
 
-from .transforms.base import check_choice, check_input_dim
+from .transforms.base import ROLES, Role, check_choice, check_input_dim
 from .transforms.leaky_softplus import LeakySoftplus
+from .transforms.registry import FAMILIES, Family
 
 __all__ = ["LAYERS", "activation_flow", "coupling_flow", "layer_factory"]
 
-Role = Literal["guide", "density"]
 LayerSpec = str | Callable[[int], TransformModule]
 
-#: The layer families by name: ``name -> (module, factory, direction keyword)``.
-#: The direction keyword (or ``None`` for a family whose two directions cost
-#: the same) takes ``"forward"`` for guides and ``"inverse"`` for density
-#: models: the value that puts the family's cheap or exact side where each
-#: spends its time (sampling for a guide, scoring for a density model).
-#: A family joins with one line here.
-_T = "pyro_lunet.transforms."
-LAYERS: dict[str, tuple[str, str, str | None]] = {
-    "lu": (_T + "lu", "lu_linear", "product"),
-    "butterfly": (_T + "butterfly", "butterfly_linear", None),
-    "circulant": (_T + "circulant", "circulant_diagonal_linear", None),
-    "rank_one": (_T + "rank_one", "rank_one_updated_linear", None),
-    "self_normalizing": (_T + "self_normalizing", "self_normalizing_linear", "exact"),
-}
+#: Deprecated alias of :data:`~pyro_lunet.FAMILIES` (kept for one release): the
+#: registry itself, a read-only mapping ``name -> Family``.
+LAYERS = FAMILIES
 
-_ROLES = ("guide", "density")
+# The deprecated direction keywords (LU's ``product``, SNF's ``exact``): a
+# family factory given one of them gets no ``role`` from the builder, and warns.
+_LEGACY_DIRECTION_KEYWORDS = ("product", "exact")
 
 
-def _load(name: str):
-    module, attr, _ = LAYERS[name]
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None
-
-
-def _available() -> list[str]:
-    return [name for name in LAYERS if _load(name) is not None]
+def _family(layer: str) -> Family:
+    if isinstance(layer, str) and layer in FAMILIES:
+        return FAMILIES[layer]
+    raise ValueError(
+        f"layer must be a factory or one of the available families {list(FAMILIES)}, got {layer!r}"
+    )
 
 
 def layer_factory(
@@ -73,15 +59,22 @@ def layer_factory(
 ) -> Callable[[int], TransformModule]:
     """The factory ``input_dim -> layer`` for a family name or a factory.
 
-    For a name from :data:`LAYERS`, the family's factory with ``kwargs`` and,
-    where the family has one, its direction keyword set for ``role``
-    (``kwargs`` win). A callable is returned as is (``kwargs`` must then be
-    empty: bind them with ``functools.partial``).
+    For a registered family name (:func:`~pyro_lunet.families`), the family's
+    factory with ``role`` and ``kwargs``. A callable is returned as is
+    (``kwargs`` must then be empty: bind them with ``functools.partial``).
 
-    :raises ValueError: for an unknown name or one whose module cannot be
-        imported; the message lists the available names.
+    :raises ValueError: for an unknown name; the message lists the available names.
     """
-    check_choice("role", role, _ROLES)
+    return _layer_factory(layer, role, kwargs)
+
+
+def _layer_factory(layer: LayerSpec, role: str, kwargs: dict) -> Callable[[int], TransformModule]:
+    check_choice("role", role, ROLES)
+    if "role" in kwargs:
+        raise ValueError(
+            f"role is the builder's keyword: pass role={kwargs['role']!r} to the builder, "
+            "not among the layer keywords"
+        )
     if callable(layer):
         if kwargs:
             raise ValueError(
@@ -89,20 +82,14 @@ def layer_factory(
                 "bind them into the factory (functools.partial)"
             )
         return layer
-    factory = _load(layer) if isinstance(layer, str) and layer in LAYERS else None
-    if factory is None:
-        raise ValueError(
-            f"layer must be a factory or one of the available families {_available()}, "
-            f"got {layer!r}"
-        )
-    direction = LAYERS[layer][2]
-    if direction is not None:
-        kwargs = {direction: "forward" if role == "guide" else "inverse", **kwargs}
+    family = _family(layer)
+    if not any(k in kwargs for k in _LEGACY_DIRECTION_KEYWORDS):
+        kwargs = {"role": role, **kwargs}
 
     def make(input_dim: int) -> TransformModule:
-        return factory(input_dim, **kwargs)
+        return family.factory(input_dim, **kwargs)
 
-    make.__name__ = f"{layer}_layer"
+    make.__name__ = f"{family.name}_layer"
     return make
 
 
@@ -136,8 +123,8 @@ def activation_flow(
     applies :math:`f` in closed form, as variational guides need, e.g.
     ``AutoNormalizingFlow(model, partial(activation_flow, layer="butterfly"))``.
     ``"density"``: scoring (``_inverse``, what ``log_prob`` runs) applies the
-    closed-form pieces: each layer's cheap or exact side (LU's ``product``,
-    SNF's ``exact``) and :math:`\phi` instead of its Newton-solved inverse.
+    closed-form pieces: each layer's cheap or exact side (the builder passes
+    ``role`` to every layer) and :math:`\phi` instead of its Newton-solved inverse.
 
     Cost per batch of N: the family's matrix-vector cost per layer, O(N D)
     per activation (closed form one way, a few Newton steps the other).
@@ -154,7 +141,7 @@ def activation_flow(
 
     :param int input_dim: the dimension D.
     :param int num_blocks: the number K of [linear, activation] blocks (>= 0).
-    :param layer: a family name from :data:`LAYERS` or a factory
+    :param layer: a registered family name (:func:`~pyro_lunet.families`) or a factory
         ``input_dim -> TransformModule``.
     :param str role: ``"guide"`` or ``"density"``, as above.
     :param float alpha: the activation's slope, in (0, 1).
@@ -162,11 +149,11 @@ def activation_flow(
     """
     check_input_dim(input_dim)
     _check_blocks(num_blocks)
-    make = layer_factory(layer, role, **(layer_kwargs or {}))
+    make = _layer_factory(layer, role, dict(layer_kwargs or {}))
     inverse = role == "density"
     # Under "density" each activation is phi^-1 in the forward direction, so
     # the scoring direction runs phi in closed form; the layers' orientation
-    # comes from their direction keyword.
+    # comes from their own role.
     parts = [make(input_dim)]
     for _ in range(num_blocks):
         parts.append(LeakySoftplus(alpha, inverse=inverse))
@@ -223,7 +210,7 @@ def coupling_flow(
 
     :param int input_dim: the dimension D (at least 2).
     :param int num_blocks: the number K of [mixer, coupling] blocks (>= 0).
-    :param layer: a family name from :data:`LAYERS` or a factory
+    :param layer: a registered family name (:func:`~pyro_lunet.families`) or a factory
         ``input_dim -> TransformModule``.
     :param str role: ``"guide"`` or ``"density"``.
     :param str coupling: ``"affine"`` or ``"spline"``.
@@ -239,10 +226,10 @@ def coupling_flow(
     if input_dim < 2 and num_blocks > 0:
         raise ValueError(f"coupling layers need input_dim >= 2, got {input_dim}")
     layer_kwargs = dict(layer_kwargs or {})
-    make = layer_factory(layer, role, **layer_kwargs)
+    make = _layer_factory(layer, role, layer_kwargs)
     make_mixer = make
     if isinstance(layer, str) and "init" not in layer_kwargs:
-        make_mixer = layer_factory(layer, role, init="orthogonal", **layer_kwargs)
+        make_mixer = _layer_factory(layer, role, {"init": "orthogonal", **layer_kwargs})
     make_coupling = affine_coupling if coupling == "affine" else spline_coupling
     parts = []
     for block in range(num_blocks):

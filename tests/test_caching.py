@@ -35,7 +35,7 @@ def test_grad_mode_is_part_of_the_key():
 
 def test_full_batch_training_without_clear_cache_tracks_the_parameters():
     torch.manual_seed(0)
-    flow = lu_net(3, num_blocks=2, product="inverse")
+    flow = lu_net(3, num_blocks=2, role="density")
     model = dist.TransformedDistribution(_normal(3), flow)
     data = torch.randn(64, 3) * torch.tensor([2.0, 0.5, 1.0]) + 1.0
     opt = torch.optim.Adam(flow.parameters(), lr=0.05)

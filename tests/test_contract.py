@@ -25,6 +25,7 @@ from pyro_lunet import (
     SelfNormalizingLinear,
     butterfly_linear,
     circulant_diagonal_linear,
+    families,
     leaky_softplus,
     lu_linear,
     lu_net,
@@ -70,12 +71,12 @@ CASES = [
         partial(circulant_diagonal_linear, init="orthogonal", bias=False),
         guide=False,
     ),
-    Case("lu-inverse", partial(lu_linear, init="orthogonal", product="inverse")),
+    Case("lu-inverse", partial(lu_linear, init="orthogonal", role="density")),
     Case("lu-nobias", partial(lu_linear, init="orthogonal", bias=False)),
     Case("lu-net", partial(lu_net, num_blocks=2), linear=False),
     Case(
         "lu-net-inverse",
-        partial(lu_net, num_blocks=2, product="inverse"),
+        partial(lu_net, num_blocks=2, role="density"),
         linear=False,
         guide=False,  # the density-model orientation
     ),
@@ -99,18 +100,18 @@ CASES = [
     # Its reconstruction gradient is its own: plain Trace_ELBO trains it.
     Case(
         "self-normalizing",
-        partial(self_normalizing_linear, exact="forward", approximate=False),
+        partial(self_normalizing_linear, role="guide", approximate=False),
         prepare=SelfNormalizingLinear.sync_inverse,
     ),
     Case(
         "self-normalizing-inverse",
-        partial(self_normalizing_linear, exact="inverse", approximate=False),
+        partial(self_normalizing_linear, role="density", approximate=False),
         prepare=SelfNormalizingLinear.sync_inverse,
         guide=False,
     ),
     Case(
         "self-normalizing-approx-nobias",
-        partial(self_normalizing_linear, exact="inverse", bias=False),
+        partial(self_normalizing_linear, role="density", bias=False),
         prepare=SelfNormalizingLinear.sync_inverse,
         guide=False,
     ),
@@ -123,6 +124,12 @@ CASES = [
     ),
 ]
 TRAINABLE = [c for c in CASES if c.has_parameters]
+
+
+def test_every_registered_family_has_a_case():
+    """A family registered (``register_family``) but missing here would go unchecked."""
+    names = {case.name for case in CASES}
+    assert [f for f in families() if f.replace("_", "-") not in names] == []
 
 
 def _standard_normal(dim, dtype=torch.float64, device="cpu"):

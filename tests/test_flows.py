@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from functools import partial
@@ -16,13 +17,16 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormalizingFlow
 
 import pyro_lunet
 from pyro_lunet import (
+    FAMILIES,
     LAYERS,
+    Family,
     LeakySoftplus,
     PenalizedELBO,
     activation_flow,
     coupling_flow,
     lu_linear,
     psis_khat,
+    register_family,
 )
 from pyro_lunet.transforms.base import InvertibleLinear
 
@@ -66,9 +70,7 @@ def test_role_orients_layers_and_activations(name):
         assert len(acts) == 2 and all(a.inverse is inverse for a in acts)
         layers = [p for p in flow.parts if isinstance(p, InvertibleLinear)]
         assert len(layers) == 3
-        direction = LAYERS[name][2]
-        if direction is not None:
-            assert {getattr(p, direction) for p in layers} == {"inverse" if inverse else "forward"}
+        assert {p.role for p in layers} == {role}  # the builder's role, passed straight through
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -91,8 +93,8 @@ def test_coupling_mixers_start_as_rotations(name):
 
 
 def test_family_by_factory_and_by_name():
-    flow = activation_flow(3, 1, layer=partial(lu_linear, product="inverse"))
-    assert all(p.product == "inverse" for p in flow.parts if isinstance(p, InvertibleLinear))
+    flow = activation_flow(3, 1, layer=partial(lu_linear, role="density"))
+    assert all(p.role == "density" for p in flow.parts if isinstance(p, InvertibleLinear))
     with pytest.raises(ValueError, match="functools.partial"):
         activation_flow(3, 1, layer=lu_linear, layer_kwargs={"bias": False})
     flow = coupling_flow(3, 1, layer="lu", coupling="spline", layer_kwargs={"bias": False})
@@ -100,13 +102,66 @@ def test_family_by_factory_and_by_name():
     assert isinstance(flow.parts[1], dist.transforms.SplineCoupling)
 
 
-def test_unknown_or_unimportable_family_lists_available(monkeypatch):
+def test_unknown_family_lists_available():
     with pytest.raises(ValueError, match=r"available families \[.*'lu'.*\].*'nope'"):
         activation_flow(3, 1, layer="nope")
-    monkeypatch.setitem(LAYERS, "ghost", ("pyro_lunet.transforms.ghost", "ghost_linear", None))
+
+
+def test_registry_lists_every_family_as_a_record():
+    assert pyro_lunet.families() == ["lu", "butterfly", "circulant", "rank_one", "self_normalizing"]
+    assert LAYERS is FAMILIES and list(LAYERS) == pyro_lunet.families()
+    for name, family in FAMILIES.items():
+        assert isinstance(family, Family) and family.name == name
+    directional = {n for n, f in FAMILIES.items() if f.directional}
+    assert directional == {"lu", "self_normalizing"}
+    assert {n for n, f in FAMILIES.items() if f.maintenance} == {"rank_one"}
+    with pytest.raises(TypeError):  # read-only: families join by registering
+        FAMILIES["ghost"] = FAMILIES["lu"]
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a frozen record
+        FAMILIES["lu"].directional = False
+
+
+def test_a_registered_family_reaches_every_builder_and_the_command_line():
+    from pyro_lunet.checkpoint import flow_names, parse_flow
+
+    def ghost_linear(input_dim, role="guide", **kwargs):
+        return lu_linear(input_dim, role=role, **kwargs)
+
+    register_family("ghost", ghost_linear, directional=True)
+    try:
+        assert "ghost" in pyro_lunet.families()
+        flow = activation_flow(3, 1, layer="ghost", role="density")
+        assert flow.parts[0].role == "density"
+        assert isinstance(coupling_flow(3, 1, layer="ghost").parts[0], InvertibleLinear)
+        assert "coupling:ghost" in flow_names() and parse_flow("activation:ghost")[1] == "ghost"
+        with pytest.raises(ValueError, match="already registered"):
+            register_family("ghost", lu_linear)
+    finally:
+        FAMILIES.unregister("ghost")
     with pytest.raises(ValueError, match="'ghost'") as info:
         coupling_flow(3, 1, layer="ghost")
     assert "'lu'" in str(info.value) and "'ghost'," not in str(info.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_family_accepts_and_validates_role(name):
+    for role in ("guide", "density"):
+        assert FAMILIES[name].factory(3, role=role).role == role
+    with pytest.raises(ValueError, match="role"):
+        FAMILIES[name].factory(3, role="sideways")
+
+
+def test_deprecated_direction_keywords_warn_and_still_work():
+    with pytest.warns(DeprecationWarning, match="role='density'"):
+        flow = activation_flow(3, 1, layer="lu", layer_kwargs={"product": "inverse"})
+    assert flow.parts[0].role == "density"
+    with pytest.warns(DeprecationWarning, match="role='guide'"):
+        flow = coupling_flow(3, 1, layer="self_normalizing", layer_kwargs={"exact": "forward"})
+    assert flow.parts[0].role == "guide"
+    with pytest.raises(ValueError, match="role= only"):
+        lu_linear(3, role="density", product="inverse")
+    with pytest.raises(ValueError, match="pass role='density' to the builder"):
+        activation_flow(3, 1, layer="lu", layer_kwargs={"role": "density"})
 
 
 def test_bad_arguments():
@@ -121,7 +176,8 @@ def test_bad_arguments():
 
 
 def test_exported_from_package():
-    for name in ("activation_flow", "coupling_flow", "LAYERS", "layer_factory"):
+    for name in ("activation_flow", "coupling_flow", "LAYERS", "layer_factory", "FAMILIES",
+                 "Family", "families", "register_family"):  # fmt: skip
         assert name in pyro_lunet.__all__ and hasattr(pyro_lunet, name)
 
 

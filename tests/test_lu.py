@@ -6,15 +6,15 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_lunet import LULinear, lu_linear
+from pyro_lunet import LULinear, activation_flow, lu_linear, lu_net
 from pyro_lunet.transforms.lu import _block_bounds, _LUProduct
 
 
-@pytest.mark.parametrize("product", ["forward", "inverse"])
-def test_init_from_matrix_reproduces_it(product):
+@pytest.mark.parametrize("role", ["guide", "density"])
+def test_init_from_matrix_reproduces_it(role):
     torch.manual_seed(0)
     a = torch.randn(6, 6, dtype=torch.float64) + 6 * torch.eye(6, dtype=torch.float64)
-    layer = lu_linear(6, init=a, product=product).double()
+    layer = lu_linear(6, init=a, role=role).double()
     torch.testing.assert_close(layer.weight(), a)
     torch.testing.assert_close(layer.log_abs_det(), torch.linalg.slogdet(a)[1])
 
@@ -40,7 +40,9 @@ def test_negative_diagonal_signs_are_kept():
     assert layer.diag_sign.tolist() == [1.0, -1.0, 1.0]
 
 
-@pytest.mark.parametrize("bad", [dict(product="sideways"), dict(init="random")])
+@pytest.mark.parametrize(
+    "bad", [dict(role="sideways"), dict(product="sideways"), dict(init="random")]
+)
 def test_bad_keywords_are_value_errors(bad):
     with pytest.raises(ValueError):
         LULinear(4, **bad)
@@ -86,13 +88,13 @@ def test_no_grad_product_is_memoized_until_parameters_change():
 
 
 @pytest.mark.parametrize("dim", [5, 256])
-@pytest.mark.parametrize("product", ["forward", "inverse"])
-def test_second_derivatives_match_the_dense_weight(product, dim):
+@pytest.mark.parametrize("role", ["guide", "density"])
+def test_second_derivatives_match_the_dense_weight(role, dim):
     """Gradient penalty and Hessian-vector product through both directions
     (at D=256 the product direction runs the blocked kernel) against the same
     computation through ``weight()``."""
     torch.manual_seed(dim)
-    layer = lu_linear(dim, init="orthogonal", product=product, cache_size=0).double()
+    layer = lu_linear(dim, init="orthogonal", role=role, cache_size=0).double()
     with torch.no_grad():
         layer.packed.add_(0.05 * torch.randn_like(layer.packed))
         layer.bias.normal_()
@@ -119,3 +121,33 @@ def test_second_derivatives_match_the_dense_weight(product, dim):
         results.append((*penalty, *hvp))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+def test_deprecated_product_keyword_warns_and_maps_to_role():
+    for product, role in (("forward", "guide"), ("inverse", "density")):
+        with pytest.warns(DeprecationWarning, match=f"use role='{role}'"):
+            layer = lu_linear(3, product=product)
+        assert layer.role == role
+        with pytest.warns(DeprecationWarning, match="role"):
+            assert layer.product == product
+        with pytest.warns(DeprecationWarning, match=f"use role='{role}'"):
+            flow = lu_net(3, 1, product=product)
+        assert {p.role for p in flow.parts if isinstance(p, LULinear)} == {role}
+    with pytest.raises(ValueError, match="role= only"):
+        lu_linear(3, role="guide", product="forward")
+    with pytest.raises(ValueError, match="role= only"):
+        lu_net(3, 1, role="density", product="inverse")
+    assert lu_linear(3).role == "guide" and lu_net(3, 1).parts[0].role == "guide"  # defaults
+
+
+def test_lu_net_is_the_activation_flow_of_lu_layers():
+    torch.manual_seed(0)
+    net = lu_net(3, 2, alpha=0.2, bias=False, role="density", init="orthogonal")
+    torch.manual_seed(0)
+    flow = activation_flow(3, 2, layer="lu", role="density", alpha=0.2,
+                           layer_kwargs={"bias": False, "init": "orthogonal"})  # fmt: skip
+    assert [type(p) for p in net.parts] == [type(p) for p in flow.parts]
+    assert list(net.state_dict()) == list(flow.state_dict())
+    for a, b in zip(net.state_dict().values(), flow.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(p.alpha == 0.2 and p.inverse for p in net.parts[1::2])

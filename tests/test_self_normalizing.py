@@ -20,7 +20,9 @@ import pyro_lunet
 from pyro_lunet import leaky_softplus, self_normalizing_linear
 from pyro_lunet.transforms import self_normalizing as snf_module
 
+# The side W is applied on: "forward" is role="guide", "inverse" role="density".
 DIRECTIONS = ["forward", "inverse"]
+ROLE = {"forward": "guide", "inverse": "density"}
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +44,7 @@ def _one_thread():
 def _layer(dim, exact="inverse", seed=0, scale=0.3, sync=False, **kwargs):
     """A float64 layer with W away from the identity and R != W^-1 (unless ``sync``)."""
     torch.manual_seed(seed)
-    layer = self_normalizing_linear(dim, exact=exact, **kwargs).double()
+    layer = self_normalizing_linear(dim, role=ROLE[exact], **kwargs).double()
     with torch.no_grad():
         layer.W.add_(scale * torch.randn(dim, dim, dtype=torch.float64))
         layer.R.add_(scale * torch.randn(dim, dim, dtype=torch.float64))
@@ -55,7 +57,7 @@ def _layer(dim, exact="inverse", seed=0, scale=0.3, sync=False, **kwargs):
 
 def _exact_side(layer, x):
     """``(output, u)``: the exact side applied to ``x`` and W's own input."""
-    if layer.exact == "forward":
+    if layer.role == "guide":
         return layer(x), x
     return layer.inv(x), x - (0 if layer.bias is None else layer.bias)
 
@@ -258,7 +260,7 @@ def test_small_variance_data_trains_to_the_optimum_with_the_default_weight(lam):
     x = s * torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
     for _ in range(500 if lam > 1 / 8 else 200):
         opt.zero_grad()
-        z = layer.inv(x)  # exact="inverse": log p(x) = log N(z) - log_abs_det()
+        z = layer.inv(x)  # role="density": log p(x) = log N(z) - log_abs_det()
         (0.5 * z.square().sum(-1).mean() + layer.log_abs_det()).backward()
         opt.step()
     w, r = (layer.W * s).item(), (layer.R / s).item()
@@ -438,7 +440,7 @@ def test_eval_log_det_is_slogdet_and_never_stale(exact):
 
 
 def _train_density(layer, steps, lr=1e-2, seed=0, each=None, decay=1.0, penalty=False):
-    """Fits ``layer`` (exact="inverse") to correlated Gaussian data; returns the mixing matrix.
+    """Fits ``layer`` (role="density") to correlated Gaussian data; returns the mixing matrix.
 
     With ``penalty`` the loss adds ``pyro_lunet.penalty(layer)`` (weight 1:
     the same gradients as without, where the layer applies its term itself).
@@ -569,6 +571,8 @@ def test_init_options_and_bad_arguments():
     assert (identity.W - torch.eye(64)).abs().max() < 0.01
     with pytest.raises(ValueError, match="exact"):
         self_normalizing_linear(3, exact="sideways")
+    with pytest.raises(ValueError, match="role"):
+        self_normalizing_linear(3, role="sideways")
     with pytest.raises(ValueError, match="reconstruction_weight"):
         self_normalizing_linear(3, reconstruction_weight=-1.0)
     with pytest.raises(ValueError, match="anchor_every"):
@@ -626,7 +630,7 @@ def test_trained_layer_reconstructs_below_1e_3():
 
 @pytest.mark.slow
 def test_density_model_fits_and_samples():
-    """Two SNF layers and a leaky softplus (exact="inverse"): exact scoring, fast sampling."""
+    """Two SNF layers and a leaky softplus (role="density"): exact scoring, fast sampling."""
     torch.manual_seed(0)
     dim = 4
     # Data from a known non-Gaussian flow: its entropy is the best NLL reachable.
@@ -690,7 +694,7 @@ def _svi_loss(elbo):
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["wrapped", "PenalizedELBO"])
 def test_guide_fits_correlated_gaussian_with_svi(loss):
-    """exact="forward" in AutoNormalizingFlow, trained by SVI with the penalty in the loss."""
+    """role="guide" in AutoNormalizingFlow, trained by SVI with the penalty in the loss."""
     pyro.clear_param_store()
     torch.manual_seed(0)
     cov = torch.tensor(
@@ -701,7 +705,7 @@ def test_guide_fits_correlated_gaussian_with_svi(loss):
     def model():
         pyro.sample("z", dist.MultivariateNormal(loc, cov))
 
-    guide = AutoNormalizingFlow(model, partial(self_normalizing_linear, exact="forward"))
+    guide = AutoNormalizingFlow(model, partial(self_normalizing_linear, role="guide"))
     # ClippedAdam writes through .data: the log-det tracking must not rely on versions.
     optimizer = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.997})
     elbo = Trace_ELBO(num_particles=32, vectorize_particles=True)
@@ -737,3 +741,15 @@ def test_at_least_32_probes_by_default(monkeypatch):
     assert probes.shape == (32, 40) and weight == 1 / 32
     probes, weight = snf_module._probes(35, W)
     assert probes.shape == (35, 40) and weight == 1 / 35
+
+
+def test_deprecated_exact_keyword_warns_and_maps_to_role():
+    for exact, role in (("forward", "guide"), ("inverse", "density")):
+        with pytest.warns(DeprecationWarning, match=f"use role='{role}'"):
+            layer = self_normalizing_linear(3, exact=exact)
+        assert layer.role == role
+        with pytest.warns(DeprecationWarning, match="role"):
+            assert layer.exact == exact
+    with pytest.raises(ValueError, match="role= only"):
+        self_normalizing_linear(3, role="guide", exact="forward")
+    assert self_normalizing_linear(3).role == "density"  # the default

@@ -38,7 +38,8 @@ def _standard_normal(dim, dtype=torch.float64):
 def _far_layer(dim, exact, seed=0, **kwargs):
     """A float64 layer with W away from the identity and R far from W^-1."""
     torch.manual_seed(seed)
-    layer = self_normalizing_linear(dim, exact=exact, **kwargs).double()
+    role = {"forward": "guide", "inverse": "density"}[exact]
+    layer = self_normalizing_linear(dim, role=role, **kwargs).double()
     with torch.no_grad():
         layer.W.add_(0.3 * torch.randn(dim, dim, dtype=torch.float64))
         layer.RT.add_(0.5 * torch.randn(dim, dim, dtype=torch.float64))
@@ -59,7 +60,7 @@ def _grads(layer):
 
 # ------------------------------------------------------------------ fits
 def test_guide_trains_with_unmodified_svi_and_trace_elbo():
-    """exact="forward" in AutoNormalizingFlow, plain ``SVI`` + ``Trace_ELBO()`` (one particle;
+    """role="guide" in AutoNormalizingFlow, plain ``SVI`` + ``Trace_ELBO()`` (one particle;
     at D = 4 the exact identity probes), no penalty anywhere: the guide fits a correlated Gaussian.
 
     ClippedAdam writes through ``.data`` (parameter versions unchanged) and
@@ -76,7 +77,7 @@ def test_guide_trains_with_unmodified_svi_and_trace_elbo():
     def model():
         pyro.sample("z", dist.MultivariateNormal(loc, cov))
 
-    guide = AutoNormalizingFlow(model, partial(self_normalizing_linear, exact="forward"))
+    guide = AutoNormalizingFlow(model, partial(self_normalizing_linear, role="guide"))
     svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.03, "lrd": 0.996}), Trace_ELBO())
     losses = torch.tensor([svi.step() for _ in range(800)])
     assert torch.isfinite(losses).all()
@@ -122,7 +123,7 @@ def test_plain_loop_without_penalty_reaches_the_gaussian_mle():
 @pytest.mark.parametrize("approximate", [True, False])
 @pytest.mark.parametrize("grad", [True, False])
 def test_eval_log_prob_is_exact_whatever_r_is(approximate, grad):
-    """exact="forward" (a guide) scores external points with R in training mode; in eval mode
+    """role="guide" (a guide) scores external points with R in training mode; in eval mode
     ``log_prob`` is the exact density of y = W x + b, with R far from W^-1."""
     dim = 5
     layer = _far_layer(dim, "forward", approximate=approximate)
@@ -144,7 +145,7 @@ def test_eval_log_prob_is_exact_whatever_r_is(approximate, grad):
 @pytest.mark.parametrize("approximate", [True, False])
 @pytest.mark.parametrize("grad", [True, False])
 def test_eval_sampling_side_is_exact_whatever_r_is(approximate, grad):
-    """exact="inverse" (a density model) samples with R in training mode; in eval mode
+    """role="density" (a density model) samples with R in training mode; in eval mode
     ``layer(x)`` is W^-1 x + b exactly, with R far from W^-1."""
     dim = 5
     layer = _far_layer(dim, "inverse", approximate=approximate)

@@ -10,8 +10,12 @@ quantities that cannot go stale.
 from __future__ import annotations
 
 import copy
+import os
+import sys
+import warnings
 import weakref
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
@@ -20,7 +24,9 @@ from torch.distributions import constraints
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = [
+    "ROLES",
     "InvertibleLinear",
+    "Role",
     "VersionedCacheModule",
     "check_choice",
     "check_input_dim",
@@ -28,7 +34,19 @@ __all__ = [
     "check_square_matrix",
     "haar_orthogonal",
     "random_signs",
+    "resolve_role",
 ]
+
+#: The one direction keyword of every family and builder. ``"guide"``: the
+#: layer's cheap or exact side is the sampling direction (``_call``), where a
+#: variational guide spends its time; ``"density"``: it is the scoring
+#: direction (``_inverse``, what ``log_prob`` runs), where a density model does.
+Role = Literal["guide", "density"]
+ROLES: tuple[str, ...] = ("guide", "density")
+
+# The deprecated spellings (LU's ``product=``, SNF's ``exact=``), for one release.
+_LEGACY_ROLES = {"forward": "guide", "inverse": "density"}
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def check_positive_int(name: str, value, optional: bool = False, minimum: int = 1):
@@ -76,6 +94,43 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _PACKAGE_DIR + os.sep
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def resolve_role(role: str | None, default: str, **legacy: str | None) -> str:
+    """The direction ``role`` (``default`` when ``None``), or a deprecated keyword's translation.
+
+    ``legacy`` holds one deprecated keyword and its value (``product=...`` or
+    ``exact=...``, ``None`` when not passed): ``"forward"`` means ``role="guide"``
+    and ``"inverse"`` ``role="density"``. Passing it warns (``DeprecationWarning``
+    naming the replacement); passing it together with ``role`` is a ``ValueError``.
+    """
+    ((name, value),) = legacy.items()
+    if value is None:
+        return check_choice("role", default if role is None else role, ROLES)
+    if role is not None:
+        raise ValueError(
+            f"pass role= only: {name}= is its deprecated spelling, got role={role!r} "
+            f"and {name}={value!r}"
+        )
+    check_choice(name, value, tuple(_LEGACY_ROLES))
+    replacement = _LEGACY_ROLES[value]
+    warnings.warn(
+        f"{name}={value!r} is deprecated and will be removed in the next release; "
+        f"use role={replacement!r}",
+        DeprecationWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+    return replacement
 
 
 # Some optimizers write through ``p.data`` (Pyro's ClippedAdam does), which
@@ -307,15 +362,21 @@ class InvertibleLinear(VersionedCacheModule):
     :param int input_dim: the dimension D.
     :param bool bias: whether to learn a bias :math:`b` (else ``bias`` is ``None``).
     :param int cache_size: 0 or 1, as for Pyro's transforms.
+    :param str role: ``"guide"`` or ``"density"`` (see :data:`Role`), validated and
+        kept as ``self.role``; a family whose two directions cost differently
+        orients itself by it, the others only record it.
     """
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, input_dim: int, bias: bool = True, cache_size: int = 1):
+    def __init__(
+        self, input_dim: int, bias: bool = True, cache_size: int = 1, role: Role = "guide"
+    ):
         super().__init__(cache_size=cache_size)
         self.input_dim = check_input_dim(input_dim)
+        self.role = check_choice("role", role, ROLES)
         if bias:
             self.bias = torch.nn.Parameter(torch.zeros(input_dim))
         else:

@@ -9,7 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import InvertibleLinear, check_choice, check_positive_int, random_signs
+from .base import InvertibleLinear, Role, check_choice, check_positive_int, random_signs
+from .registry import register_family
 
 __all__ = ["ButterflyLinear", "butterfly_linear"]
 
@@ -392,6 +393,9 @@ class ButterflyLinear(InvertibleLinear):
     :param int block_levels: how many levels form one dense block (default
         5, blocks of 32): a speed knob, the map is the same.
     :param int cache_size: 0 or 1, as for Pyro's transforms.
+    :param str role: ``"guide"`` (default) or ``"density"``, accepted by every
+        family alike and validated; here it changes nothing: both directions
+        cost the same (the same number of 2x2 blocks, closed-form inverses).
     """
 
     def __init__(
@@ -402,8 +406,9 @@ class ButterflyLinear(InvertibleLinear):
         init: Literal["identity", "rotation", "orthogonal"] = "identity",
         block_levels: int = 5,
         cache_size: int = 1,
+        role: Role = "guide",
     ):
-        super().__init__(input_dim, bias=bias, cache_size=cache_size)
+        super().__init__(input_dim, bias=bias, cache_size=cache_size, role=role)
         bits = (input_dim - 1).bit_length()
         if num_levels is None:
             num_levels = bits
@@ -547,3 +552,6 @@ def _pair_layout(dim: int, levels: int) -> tuple[Tensor, int, Tensor]:
 def butterfly_linear(input_dim: int, **kwargs) -> ButterflyLinear:
     """A :class:`ButterflyLinear` of dimension ``input_dim``; keywords as for the class."""
     return ButterflyLinear(input_dim, **kwargs)
+
+
+register_family("butterfly", butterfly_linear, directional=False, maintenance=False)

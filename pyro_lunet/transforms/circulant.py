@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .base import InvertibleLinear, check_choice, check_positive_int, random_signs
+from .base import InvertibleLinear, Role, check_choice, check_positive_int, random_signs
+from .registry import register_family
 
 __all__ = ["CirculantDiagonalLinear", "circulant_diagonal_linear"]
 
@@ -245,6 +246,9 @@ class CirculantDiagonalLinear(InvertibleLinear):
         random :math:`\pm 1` diagonals and circulants with unit-modulus spectra,
         uniform random phases and random signs of the real bins.
     :param int cache_size: 0 or 1, as for Pyro's transforms.
+    :param str role: ``"guide"`` (default) or ``"density"``, accepted by every
+        family alike and validated; here it changes nothing: both directions
+        cost the same (the same FFTs and diagonal scalings).
     """
 
     def __init__(
@@ -254,8 +258,9 @@ class CirculantDiagonalLinear(InvertibleLinear):
         bias: bool = True,
         init: Literal["identity", "orthogonal"] = "identity",
         cache_size: int = 1,
+        role: Role = "guide",
     ):
-        super().__init__(input_dim, bias=bias, cache_size=cache_size)
+        super().__init__(input_dim, bias=bias, cache_size=cache_size, role=role)
         check_positive_int("num_factors", num_factors, minimum=2)
         check_choice("init", init, ("identity", "orthogonal"))
         self.num_factors = num_factors
@@ -357,3 +362,6 @@ class CirculantDiagonalLinear(InvertibleLinear):
 def circulant_diagonal_linear(input_dim: int, **kwargs) -> CirculantDiagonalLinear:
     """A :class:`CirculantDiagonalLinear` of dimension ``input_dim``; keywords as for the class."""
     return CirculantDiagonalLinear(input_dim, **kwargs)
+
+
+register_family("circulant", circulant_diagonal_linear, directional=False, maintenance=False)

@@ -2,12 +2,14 @@ r"""LU-factored invertible linear layers (LU-Net)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .base import InvertibleLinear, check_choice, check_square_matrix, haar_orthogonal
+from .base import InvertibleLinear, Role, check_square_matrix, haar_orthogonal, resolve_role
+from .registry import register_family
 
 __all__ = ["LULinear", "lu_linear"]
 
@@ -135,11 +137,11 @@ class LULinear(InvertibleLinear):
     value, and :math:`\log|\det W| = \pm\sum_i d_i` costs O(D).
 
     One direction is a product with the triangular factors and the other is
-    two triangular solves (never a dense inverse). ``product`` says which
-    direction gets the product: ``"forward"`` (:math:`W = LU`, the paper's
-    form, fast sampling: for variational guides) or ``"inverse"``
-    (:math:`W^{-1} = LU`, fast scoring: for density models, whose
-    ``log_prob`` runs the inverse).
+    two triangular solves (never a dense inverse). ``role`` says which
+    direction gets the product: ``"guide"`` (default; :math:`W = LU`, the
+    paper's form, fast sampling ``_call``: for variational guides) or
+    ``"density"`` (:math:`W^{-1} = LU`, fast scoring ``_inverse``: for density
+    models, whose ``log_prob`` runs the inverse).
 
     Costs for a batch of N, in flops: the product direction about
     :math:`N D^2` with gradients (blocked triangular GEMMs skip the zero
@@ -154,7 +156,7 @@ class LULinear(InvertibleLinear):
 
         >>> import torch, pyro.distributions as dist
         >>> from pyro_lunet import lu_linear
-        >>> layer = lu_linear(3, product="inverse")   # a density model's layer
+        >>> layer = lu_linear(3, role="density")   # a density model's layer
         >>> flow = dist.TransformedDistribution(
         ...     dist.Normal(torch.zeros(3), 1.0).to_event(1), [layer])
         >>> flow.log_prob(torch.randn(5, 3)).shape
@@ -169,9 +171,12 @@ class LULinear(InvertibleLinear):
         orthogonal :math:`W`: the LU factors of a permuted random orthogonal
         matrix, itself random orthogonal), or a ``(D, D)`` tensor, the initial
         :math:`W`, which must have an LU factorization without pivoting.
-    :param str product: ``"forward"`` or ``"inverse"``: the direction computed
-        by triangular products.
+    :param str role: ``"guide"`` (default) or ``"density"``: the direction
+        computed by triangular products is sampling or scoring.
     :param int cache_size: 0 or 1, as for Pyro's transforms.
+    :param str product: deprecated spelling of ``role`` (``"forward"`` is
+        ``role="guide"``, ``"inverse"`` ``role="density"``); warns, and is
+        removed in the next release.
     """
 
     def __init__(
@@ -179,12 +184,14 @@ class LULinear(InvertibleLinear):
         input_dim: int,
         bias: bool = True,
         init: Literal["identity", "orthogonal"] | Tensor = "identity",
-        product: Literal["forward", "inverse"] = "forward",
+        role: Role | None = None,
         cache_size: int = 1,
+        *,
+        product: Literal["forward", "inverse"] | None = None,
     ):
-        super().__init__(input_dim, bias=bias, cache_size=cache_size)
-        self.product = check_choice("product", product, ("forward", "inverse"))
-        packed, sign = _initial_factors(input_dim, init, product)
+        role = resolve_role(role, "guide", product=product)
+        super().__init__(input_dim, bias=bias, cache_size=cache_size, role=role)
+        packed, sign = _initial_factors(input_dim, init, role)
         self.packed = torch.nn.Parameter(packed)
         self.register_buffer("diag_sign", sign)
 
@@ -206,33 +213,50 @@ class LULinear(InvertibleLinear):
         z = torch.linalg.solve_triangular(lower.T, y, upper=True, left=False, unitriangular=True)
         return torch.linalg.solve_triangular(upper.T, z, upper=False, left=False)
 
+    @property
+    def product(self) -> str:
+        """Deprecated: ``"forward"`` for ``role="guide"``, ``"inverse"`` for ``"density"``."""
+        warnings.warn(
+            "LULinear.product is deprecated and will be removed in the next release; "
+            "read .role ('guide' for 'forward', 'density' for 'inverse')",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return "forward" if self.role == "guide" else "inverse"
+
+    def __setstate__(self, state: dict) -> None:
+        # Modules pickled before ``role``: translate their ``product``.
+        if "product" in state:
+            state["role"] = "guide" if state.pop("product") == "forward" else "density"
+        super().__setstate__(state)
+
     def _matvec(self, x: Tensor) -> Tensor:
-        return self._product(x) if self.product == "forward" else self._triangular_solve(x)
+        return self._product(x) if self.role == "guide" else self._triangular_solve(x)
 
     def _solve(self, y: Tensor) -> Tensor:
-        return self._triangular_solve(y) if self.product == "forward" else self._product(y)
+        return self._triangular_solve(y) if self.role == "guide" else self._product(y)
 
     def _log_abs_det(self) -> Tensor:
         log_det = self.packed.diagonal().sum()
-        return log_det if self.product == "forward" else -log_det
+        return log_det if self.role == "guide" else -log_det
 
     def _dense(self) -> Tensor:
         lower, upper = self.lower_upper()
-        if self.product == "forward":
+        if self.role == "guide":
             return lower @ upper
         eye = torch.eye(self.input_dim, dtype=lower.dtype, device=lower.device)
         inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
         return torch.linalg.solve_triangular(upper, inv_lower, upper=True)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, product={self.product!r}"
+        return f"{super().extra_repr()}, role={self.role!r}"
 
 
-def _initial_factors(dim: int, init, product: str) -> tuple[Tensor, Tensor]:
+def _initial_factors(dim: int, init, role: str) -> tuple[Tensor, Tensor]:
     """``(packed, sign)`` for the requested initial matrix."""
     if isinstance(init, Tensor):
         matrix = check_square_matrix("init matrix", init, dim)
-        if product == "inverse":
+        if role == "density":  # the factors hold W^-1
             matrix = torch.linalg.inv(matrix)
         lower, upper = _lu_without_pivoting(matrix)
     elif init == "identity":
@@ -265,5 +289,12 @@ def _lu_without_pivoting(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def lu_linear(input_dim: int, **kwargs) -> LULinear:
-    """A :class:`LULinear` of dimension ``input_dim``; keywords as for the class."""
+    """A :class:`LULinear` of dimension ``input_dim``; keywords as for the class.
+
+    ``role="guide"`` (default) puts the triangular products on sampling,
+    ``role="density"`` on scoring.
+    """
     return LULinear(input_dim, **kwargs)
+
+
+register_family("lu", lu_linear, directional=True, maintenance=False)

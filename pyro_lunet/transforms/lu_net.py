@@ -6,9 +6,7 @@ from typing import Literal
 
 from pyro.distributions.torch_transform import ComposeTransformModule
 
-from .base import check_choice, check_input_dim
-from .leaky_softplus import LeakySoftplus
-from .lu import LULinear
+from .base import Role, resolve_role
 
 __all__ = ["lu_net"]
 
@@ -18,8 +16,10 @@ def lu_net(
     num_blocks: int,
     alpha: float = 0.1,
     bias: bool = True,
-    product: Literal["forward", "inverse"] = "forward",
+    role: Role | None = None,
     init: str = "identity",
+    *,
+    product: Literal["forward", "inverse"] | None = None,
 ) -> ComposeTransformModule:
     r"""The LU-Net of Chan et al.: ``num_blocks`` x [LU layer, leaky softplus], then an LU layer.
 
@@ -31,13 +31,14 @@ def lu_net(
         \qquad A_k(x) = L_k U_k x + b_k,
 
     is smooth, invertible and non-linear (a stack of linear layers alone is
-    only a Gaussian). ``product`` says which direction runs :math:`f` with
+    only a Gaussian). It is :func:`~pyro_lunet.activation_flow` with
+    ``layer="lu"``. ``role`` says which direction runs :math:`f` with
     closed-form steps (triangular products, :math:`\phi`); the other runs
     :math:`f^{-1}` (triangular solves, Newton steps for :math:`\phi^{-1}`):
 
-    * ``"forward"`` (default): sampling applies :math:`f`. For variational
+    * ``"guide"`` (default): sampling applies :math:`f`. For variational
       guides, e.g. ``AutoNormalizingFlow(model, partial(lu_net, num_blocks=3))``.
-    * ``"inverse"``: scoring applies :math:`f`, as the paper's density model
+    * ``"density"``: scoring applies :math:`f`, as the paper's density model
       does (data to latent). For ``TransformedDistribution`` density models.
 
     Cost per layer and batch of N: O(N D^2) for the linear layers, O(N D) for
@@ -51,7 +52,7 @@ def lu_net(
 
         >>> import torch, pyro.distributions as dist
         >>> from pyro_lunet import lu_net
-        >>> flow = lu_net(2, num_blocks=3, product="inverse")
+        >>> flow = lu_net(2, num_blocks=3, role="density")
         >>> model = dist.TransformedDistribution(
         ...     dist.Normal(torch.zeros(2), 1.0).to_event(1), flow)
         >>> model.log_prob(torch.randn(10, 2)).shape
@@ -67,17 +68,16 @@ def lu_net(
     :param int num_blocks: the number K of [LU, activation] blocks (>= 0).
     :param float alpha: the activation's slope, in (0, 1); the paper uses 0.1.
     :param bool bias: whether the LU layers learn biases.
-    :param str product: ``"forward"`` or ``"inverse"``, as above.
+    :param str role: ``"guide"`` (default) or ``"density"``, as above.
     :param init: the LU layers' ``init``.
+    :param str product: deprecated spelling of ``role`` (``"forward"`` is
+        ``role="guide"``, ``"inverse"`` ``role="density"``); warns, and is
+        removed in the next release.
     """
-    check_input_dim(input_dim)
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
-        raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
-    check_choice("product", product, ("forward", "inverse"))
-    # Under "inverse" every piece is the inverse of the paper's piece, so the
-    # same [linear, activation, ..., linear] pattern inverts to f.
-    parts = [LULinear(input_dim, bias=bias, init=init, product=product)]
-    for _ in range(num_blocks):
-        parts.append(LeakySoftplus(alpha, inverse=product == "inverse"))
-        parts.append(LULinear(input_dim, bias=bias, init=init, product=product))
-    return ComposeTransformModule(parts)
+    from ..flows import activation_flow  # flows imports this package: import on use
+
+    role = resolve_role(role, "guide", product=product)
+    return activation_flow(
+        input_dim, num_blocks, layer="lu", role=role, alpha=alpha,
+        layer_kwargs={"bias": bias, "init": init},
+    )  # fmt: skip

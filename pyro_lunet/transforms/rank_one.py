@@ -11,7 +11,14 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .base import InvertibleLinear, check_positive_int, check_square_matrix, haar_orthogonal
+from .base import (
+    InvertibleLinear,
+    Role,
+    check_positive_int,
+    check_square_matrix,
+    haar_orthogonal,
+)
+from .registry import register_family
 
 __all__ = ["RankOneUpdatedLinear", "rank_one_updated_linear"]
 
@@ -177,6 +184,9 @@ class RankOneUpdatedLinear(InvertibleLinear):
     :param merge_every: optimizer steps between the layer's own merge
         rounds, or ``None`` to leave merges to the user.
     :param int cache_size: 0 or 1, as for Pyro's transforms.
+    :param str role: ``"guide"`` (default) or ``"density"``, accepted by every
+        family alike and validated; here it changes nothing: both directions
+        cost the same order, O(D^2) (a product, a Sherman-Morrison solve).
     """
 
     #: Merge rounds between forced merges, and between drift corrections
@@ -193,8 +203,9 @@ class RankOneUpdatedLinear(InvertibleLinear):
         penalty_weight: float = 0.1,
         merge_every: int | None = 10,
         cache_size: int = 1,
+        role: Role = "guide",
     ):
-        super().__init__(input_dim, bias=bias, cache_size=cache_size)
+        super().__init__(input_dim, bias=bias, cache_size=cache_size, role=role)
         low, high = _check_range(log_det_range)
         if not (isinstance(penalty_weight, (int, float)) and penalty_weight >= 0):
             raise ValueError(f"penalty_weight must be a float >= 0, got {penalty_weight!r}")
@@ -496,3 +507,6 @@ def _initial_base(dim: int, init) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def rank_one_updated_linear(input_dim: int, **kwargs) -> RankOneUpdatedLinear:
     """A :class:`RankOneUpdatedLinear` of dimension ``input_dim``; keywords as for the class."""
     return RankOneUpdatedLinear(input_dim, **kwargs)
+
+
+register_family("rank_one", rank_one_updated_linear, directional=False, maintenance=True)

@@ -2,6 +2,7 @@ r"""Self-normalizing linear layers (SNF): a dense matrix trained through its lea
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -9,11 +10,13 @@ from torch import Tensor
 
 from .base import (
     InvertibleLinear,
-    check_choice,
+    Role,
     check_positive_int,
     check_square_matrix,
     haar_orthogonal,
+    resolve_role,
 )
+from .registry import register_family
 
 __all__ = ["SelfNormalizingLinear", "self_normalizing_linear"]
 
@@ -172,16 +175,16 @@ class SelfNormalizingLinear(InvertibleLinear):
     The layer holds a dense matrix :math:`W` and a learned approximation
     :math:`R \approx W^{-1}`. One direction, the *exact side*, applies
     :math:`W`; the other, the *fast side*, applies :math:`R` (or, with
-    ``approximate=False``, solves with :math:`W` exactly). ``exact`` says
+    ``approximate=False``, solves with :math:`W` exactly). ``role`` says
     which direction is which; ``weight()`` and ``log_abs_det()`` always
     describe the exact map, written in the forward direction:
 
-    * ``exact="inverse"`` (default, for density models, whose ``log_prob``
+    * ``role="density"`` (default, for density models, whose ``log_prob``
       runs ``_inverse``): scoring is exact, :math:`x = W (y - b)`; the layer
       is :math:`y = W^{-1} x + b`, so ``weight()`` is :math:`W^{-1}` and
       ``log_abs_det()`` is :math:`-\log|\det W|`; sampling (``_call``) applies
       :math:`R x + b`.
-    * ``exact="forward"`` (for variational guides, e.g. in
+    * ``role="guide"`` (for variational guides, e.g. in
       ``AutoNormalizingFlow``): sampling is exact, :math:`y = W x + b`, so
       samples and their :math:`\log q` are those of :math:`W`; ``weight()``
       is :math:`W`, ``log_abs_det()`` is :math:`\log|\det W|`; scoring other
@@ -257,7 +260,7 @@ class SelfNormalizingLinear(InvertibleLinear):
     side 1; the fast side 1 in training mode with ``approximate=True``,
     else an LU factorization (O(D^3), memoized under ``no_grad``) and two
     triangular solves. Training-mode ``log_abs_det`` O(D^2); eval-mode
-    O(D^3) once per parameter value. ``weight()`` for ``exact="inverse"``,
+    O(D^3) once per parameter value. ``weight()`` for ``role="density"``,
     :meth:`sync_inverse` and a :meth:`penalty` computed afresh O(D^3).
 
     Example::
@@ -266,7 +269,7 @@ class SelfNormalizingLinear(InvertibleLinear):
         >>> import pyro_lunet
         >>> from pyro_lunet import self_normalizing_linear
         >>> _ = torch.manual_seed(0)
-        >>> layer = self_normalizing_linear(3)      # exact="inverse": a density model
+        >>> layer = self_normalizing_linear(3)      # role="density": a density model
         >>> flow = dist.TransformedDistribution(
         ...     dist.Normal(torch.zeros(3), 1.0).to_event(1), [layer])
         >>> opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
@@ -285,7 +288,7 @@ class SelfNormalizingLinear(InvertibleLinear):
     Reference: Keller, Peters, Jaini, Hoogeboom, Forré, Welling, "Self
     Normalizing Flows", ICML 2021, arXiv:2011.07248.
 
-    Differences from the paper: (i) with ``exact="inverse"`` the bias sits on
+    Differences from the paper: (i) with ``role="density"`` the bias sits on
     the data side of the scoring map, :math:`z = W(x - b)` (the paper's
     :math:`W x + b'` with :math:`b' = -W b`: the same family), so that every
     layer of the library reads :math:`y = \mathrm{weight}()\, x + b`; (ii)
@@ -302,8 +305,9 @@ class SelfNormalizingLinear(InvertibleLinear):
 
     :param int input_dim: the dimension D.
     :param bool bias: whether to learn a bias.
-    :param str exact: ``"inverse"`` (density models) or ``"forward"``
-        (guides): the direction that applies :math:`W` exactly.
+    :param str role: ``"density"`` (default; scoring applies :math:`W`
+        exactly, for density models) or ``"guide"`` (sampling applies
+        :math:`W` exactly, for guides).
     :param float reconstruction_weight: :math:`\lambda` (the paper uses 1
         for dense layers; stable above 1/8); 0 disables the term.
     :param bool approximate: whether the fast side applies :math:`R` in
@@ -315,21 +319,26 @@ class SelfNormalizingLinear(InvertibleLinear):
     :param int anchor_every: training-mode log-det evaluations between exact
         re-anchorings.
     :param int cache_size: 0 or 1, as for Pyro's transforms.
+    :param str exact: deprecated spelling of ``role`` (``"forward"`` is
+        ``role="guide"``, ``"inverse"`` ``role="density"``); warns, and is
+        removed in the next release.
     """
 
     def __init__(
         self,
         input_dim: int,
         bias: bool = True,
-        exact: Literal["forward", "inverse"] = "inverse",
+        role: Role | None = None,
         reconstruction_weight: float = 1.0,
         approximate: bool = True,
         init: Literal["identity", "orthogonal"] | Tensor = "identity",
         anchor_every: int = 100,
         cache_size: int = 1,
+        *,
+        exact: Literal["forward", "inverse"] | None = None,
     ):
-        super().__init__(input_dim, bias=bias, cache_size=cache_size)
-        self.exact = check_choice("exact", exact, ("forward", "inverse"))
+        role = resolve_role(role, "density", exact=exact)
+        super().__init__(input_dim, bias=bias, cache_size=cache_size, role=role)
         if not float(reconstruction_weight) >= 0.0:
             raise ValueError(f"reconstruction_weight must be >= 0, got {reconstruction_weight!r}")
         self.reconstruction_weight = float(reconstruction_weight)
@@ -376,12 +385,29 @@ class SelfNormalizingLinear(InvertibleLinear):
         lu, pivots = self._memo("lu", lambda: torch.linalg.lu_factor(self.W))
         return torch.linalg.lu_solve(lu, pivots, v, left=False, adjoint=True)
 
+    @property
+    def exact(self) -> str:
+        """Deprecated: ``"forward"`` for ``role="guide"``, ``"inverse"`` for ``"density"``."""
+        warnings.warn(
+            "SelfNormalizingLinear.exact is deprecated and will be removed in the next "
+            "release; read .role ('guide' for 'forward', 'density' for 'inverse')",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return "forward" if self.role == "guide" else "inverse"
+
+    def __setstate__(self, state: dict) -> None:
+        # Modules pickled before ``role``: translate their ``exact``.
+        if "exact" in state:
+            state["role"] = "guide" if state.pop("exact") == "forward" else "density"
+        super().__setstate__(state)
+
     # Rows of A x and A^-1 y for the forward-direction matrix A = weight().
     def _matvec(self, x: Tensor) -> Tensor:
-        return self._exact_side(x) if self.exact == "forward" else self._fast_side(x)
+        return self._exact_side(x) if self.role == "guide" else self._fast_side(x)
 
     def _solve(self, y: Tensor) -> Tensor:
-        return self._fast_side(y) if self.exact == "forward" else self._exact_side(y)
+        return self._fast_side(y) if self.role == "guide" else self._exact_side(y)
 
     def _inverse_affine_rows(self, y: Tensor) -> Tensor:
         # A^-1 (y - b) with the bias removed first, so the exact side's input
@@ -391,8 +417,8 @@ class SelfNormalizingLinear(InvertibleLinear):
     # ------------------------------------------------------------ determinants
     def _log_abs_det(self) -> Tensor:
         # log|det W| (exact in eval mode, tracked with the surrogate gradient
-        # in training mode), negated for exact="inverse" where weight() = W^-1.
-        sign = 1.0 if self.exact == "forward" else -1.0
+        # in training mode), negated for role="density" where weight() = W^-1.
+        sign = 1.0 if self.role == "guide" else -1.0
         if not self.training:
             if torch.is_grad_enabled():
                 return sign * torch.linalg.slogdet(self.W)[1]
@@ -405,7 +431,7 @@ class SelfNormalizingLinear(InvertibleLinear):
         return sign * value
 
     def _dense(self) -> Tensor:
-        return self.W.clone() if self.exact == "forward" else torch.linalg.inv(self.W)
+        return self.W.clone() if self.role == "guide" else torch.linalg.inv(self.W)
 
     # ----------------------------------------------------------------- tracking
     def _param_key(self) -> tuple:
@@ -487,7 +513,7 @@ class SelfNormalizingLinear(InvertibleLinear):
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, exact={self.exact!r}, approximate={self.approximate}, "
+            f"{super().extra_repr()}, role={self.role!r}, approximate={self.approximate}, "
             f"reconstruction_weight={self.reconstruction_weight}"
         )
 
@@ -505,5 +531,12 @@ def _initial_weight(dim: int, init) -> Tensor:
 
 
 def self_normalizing_linear(input_dim: int, **kwargs) -> SelfNormalizingLinear:
-    """A :class:`SelfNormalizingLinear` of dimension ``input_dim``; keywords as for the class."""
+    """A :class:`SelfNormalizingLinear` of dimension ``input_dim``; keywords as for the class.
+
+    ``role="density"`` (default) applies :math:`W` exactly on scoring,
+    ``role="guide"`` on sampling.
+    """
     return SelfNormalizingLinear(input_dim, **kwargs)
+
+
+register_family("self_normalizing", self_normalizing_linear, directional=True, maintenance=False)
