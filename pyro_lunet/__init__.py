@@ -4,7 +4,15 @@ from . import datasets as datasets
 from .diagnostics import PSISDiagnostic, khat_reading, psis_khat, to_inference_data
 from .flows import LAYERS, activation_flow, coupling_flow, layer_factory
 from .rank_one_scheduler import RankOneScheduler
-from .training import FitResult, Maintenance, PenalizedELBO, fit_density, penalty
+from .training import (
+    FitResult,
+    Maintenance,
+    PenalizedELBO,
+    fit_density,
+    penalty,
+    train_epoch,
+    train_val_split,
+)
 from .transforms import *  # noqa: F403
 from .transforms import __all__ as _transforms_all
 
@@ -25,4 +33,6 @@ __all__ = [
     "penalty",
     "psis_khat",
     "to_inference_data",
+    "train_epoch",
+    "train_val_split",
 ]

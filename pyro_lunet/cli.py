@@ -24,6 +24,7 @@ import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
 
 from . import __version__
+from ._scoring import held_out_count, log_prob_in_chunks, mean_nll
 from .benchmark import add_arguments as add_bench_arguments
 from .benchmark import run_from_args as run_bench
 from .checkpoint import (
@@ -50,7 +51,7 @@ from .data_files import (
     standardization,
 )
 from .datasets import gaussian_mixture_log_prob
-from .training import fit_density, held_out_count, log_prob_in_chunks, mean_nll
+from .training import fit_density
 
 #: ``--blocks`` when not given: activation flows need more blocks than coupling flows.
 DEFAULT_BLOCKS = {"lu-net": 8, "activation": 8, "coupling": 4, "spline": 4}

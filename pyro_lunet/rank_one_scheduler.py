@@ -1,4 +1,11 @@
-"""Merges and drift corrections of rank-one-updated layers, run from a training loop."""
+"""Merges and drift corrections of rank-one-updated layers, run from a training loop.
+
+:class:`~pyro_lunet.Maintenance` runs every family's between-steps work;
+this module supplies the rank-one family's round to it (the maintenance
+hooks of :mod:`pyro_lunet.training`) and :class:`RankOneScheduler`, a
+:class:`~pyro_lunet.Maintenance` limited to rank-one-updated layers, kept
+for the loops written with it.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,43 @@ from collections.abc import Iterable
 
 import torch
 from pyro.optim import PyroOptim
+from torch import Tensor
 
+from .training import Maintenance, _register_maintenance
 from .transforms.rank_one import RankOneUpdatedLinear
 
 __all__ = ["RankOneScheduler"]
 
 
-class RankOneScheduler:
+def _maintenance_round(
+    layer: RankOneUpdatedLinear, force: bool, correct_steps: int, recompute_log_det: bool
+) -> list[tuple[Tensor, Tensor]]:
+    """One scheduled round of ``layer``: a merge, then a correction if asked.
+
+    Returns the parameters whose optimizer state the merge made stale: ``v``
+    when it was redrawn, ``u`` too when a non-finite update was discarded.
+    """
+    merged, reset = layer._merge(force)
+    if correct_steps or recompute_log_det:
+        layer.correct_(correct_steps, recompute_log_det=recompute_log_det)
+    return [(layer.v, reset), (layer.u, reset & ~merged)]
+
+
+def _maintenance_claim(layer: RankOneUpdatedLinear, scheduler: object) -> None:
+    """The layer leaves its own rounds to ``scheduler`` while that object lives."""
+    layer._upkeep.scheduler = weakref.ref(scheduler)
+
+
+_register_maintenance(RankOneUpdatedLinear, _maintenance_round, _maintenance_claim)
+
+
+class RankOneScheduler(Maintenance):
     r"""Runs the merges and drift corrections of every
     :class:`~pyro_lunet.RankOneUpdatedLinear` inside a module tree.
+
+    A :class:`~pyro_lunet.Maintenance` that takes only rank-one-updated
+    layers into account, with the same keywords and behaviour; its
+    :meth:`state_dict` holds the two counters directly.
 
     The layers maintain themselves (see
     :class:`~pyro_lunet.RankOneUpdatedLinear`); a scheduler is the explicit
@@ -100,114 +135,28 @@ class RankOneScheduler:
         correct_steps: int = 1,
         recompute_log_det_every: int | None = 50,
     ):
-        if isinstance(module, torch.nn.Module):
-            self.roots = [module]
-        else:
-            self.roots = list(module)
-            bad = [m for m in self.roots if not isinstance(m, torch.nn.Module)]
-            if bad:
-                raise ValueError(
-                    f"module must be a torch.nn.Module or modules, got {type(bad[0]).__name__}"
-                )
-        if optimizer is not None and not isinstance(optimizer, (torch.optim.Optimizer, PyroOptim)):
-            raise ValueError(
-                "optimizer must be a torch.optim.Optimizer, a pyro.optim.PyroOptim or None, "
-                f"got {type(optimizer).__name__}"
-            )
-        self.optimizer = optimizer
-        self.merge_every = _positive("merge_every", merge_every)
-        self.force_every = _positive("force_every", force_every, optional=True)
-        self.correct_every = _positive("correct_every", correct_every, optional=True)
-        self.correct_steps = _positive("correct_steps", correct_steps)
-        self.recompute_log_det_every = _positive(
-            "recompute_log_det_every", recompute_log_det_every, optional=True
+        super().__init__(
+            module,
+            optimizer,
+            merge_every=merge_every,
+            force_every=force_every,
+            correct_every=correct_every,
+            correct_steps=correct_steps,
+            recompute_log_det_every=recompute_log_det_every,
         )
-        self.num_steps = 0
-        self.num_rounds = 0
 
     def layers(self) -> list[RankOneUpdatedLinear]:
         """The rank-one-updated layers in the module tree, each once."""
-        found: dict[int, RankOneUpdatedLinear] = {}
-        for module in self.roots:
-            for sub in module.modules():
-                if isinstance(sub, RankOneUpdatedLinear):
-                    found.setdefault(id(sub), sub)
-        return list(found.values())
+        return [m for m in super().layers() if isinstance(m, RankOneUpdatedLinear)]
 
     def step(self) -> None:
         """Counts one optimizer step; merges and corrects when it is time."""
-        self.num_steps += 1
-        due = self.num_steps % self.merge_every == 0
-        if not (due or self.num_steps == 1):
-            return
-        layers = self.layers()
-        for (
-            layer
-        ) in layers:  # from the first step on, this scheduler's rounds replace the layer's own
-            layer._upkeep.scheduler = weakref.ref(self)
-        if not due:
-            return
-        self.num_rounds += 1
-        if not layers:
-            return
-        force = _due(self.force_every, self.num_rounds)
-        outcomes = [layer._merge(force) for layer in layers]
-        if self.optimizer is not None:
-            # One synchronization for the whole tree.
-            flags = torch.stack(
-                [torch.stack([m, r]).to(outcomes[0][0].device) for m, r in outcomes]
-            ).tolist()
-            for layer, (merged, reset) in zip(layers, flags):
-                if reset:
-                    self._forget(layer.v)
-                if reset and not merged:  # a discarded non-finite update
-                    self._forget(layer.u)
-        if _due(self.correct_every, self.num_rounds):
-            recompute = _due(self.recompute_log_det_every, self.num_rounds)
-            for layer in layers:
-                layer.correct_(self.correct_steps, recompute_log_det=recompute)
-        elif _due(self.recompute_log_det_every, self.num_rounds):
-            for layer in layers:
-                layer.correct_(0, recompute_log_det=True)
-
-    def _forget(self, param: torch.Tensor) -> None:
-        """Drops the optimizer's state for ``param``: its next step starts afresh."""
-        if isinstance(self.optimizer, PyroOptim):
-            # One torch optimizer (or LR scheduler around one) per parameter.
-            inner = self.optimizer.optim_objs.get(param)
-            if inner is None:
-                return
-            optimizer = getattr(inner, "optimizer", inner)
-        else:
-            optimizer = self.optimizer
-        optimizer.state.pop(param, None)
+        super().step()
 
     def state_dict(self) -> dict:
         """The step and round counters, for checkpoints."""
-        return {"num_steps": self.num_steps, "num_rounds": self.num_rounds}
+        return self._counters()
 
     def load_state_dict(self, state: dict) -> None:
         """Restores the counters saved by :meth:`state_dict`."""
-        self.num_steps = int(state["num_steps"])
-        self.num_rounds = int(state["num_rounds"])
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(merge_every={self.merge_every}, "
-            f"force_every={self.force_every}, correct_every={self.correct_every}, "
-            f"correct_steps={self.correct_steps}, "
-            f"recompute_log_det_every={self.recompute_log_det_every})"
-        )
-
-
-def _positive(name: str, value, optional: bool = False):
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        expected = "a positive int or None" if optional else "a positive int"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return value
-
-
-def _due(every: int | None, count: int) -> bool:
-    return every is not None and count % every == 0
+        self._load_counters(state)

@@ -7,12 +7,39 @@ merges and drift corrections). The helpers here do both for whatever layers a
 module tree holds, so a loop never needs to know which families are inside:
 
 * :func:`penalty`: every layer's penalty in a module tree, to add to a loss;
-* :class:`Maintenance`: every family's between-steps work, ``step()`` after
+* :class:`Maintenance`: every layer's between-steps work, ``step()`` after
   each optimizer step of a plain PyTorch loop;
 * :class:`PenalizedELBO`: an ELBO that adds the penalties of the model and
   guide and runs the maintenance itself, for unmodified ``pyro.infer.SVI``
   with ``pyro.optim`` (or a PyTorch loop through ``elbo(model, guide)``);
-* :func:`fit_density`: maximum-likelihood fitting of a flow to data.
+* :func:`fit_density`: maximum-likelihood fitting of a flow to data, built
+  from named steps that a custom loop may reuse: :func:`train_val_split`
+  (the held-out rows) and :func:`train_epoch` (one pass over the batches).
+
+Both kinds of cooperation are discovered by duck typing, never by family:
+
+**Penalties.** A module takes part in :func:`penalty` by defining
+``penalty() -> Tensor``.
+
+**Maintenance.** A module takes part in :class:`Maintenance` by defining
+
+* ``maintenance_round(force: bool, correct_steps: int, recompute_log_det:
+  bool) -> Iterable[tuple[Tensor, Tensor]]``: one round of its work between
+  optimizer steps, which must not change the map it represents. ``force``
+  asks it to apply an update it would otherwise refuse (e.g. out of range),
+  ``correct_steps`` (0 for none) and ``recompute_log_det`` ask for a drift
+  correction. It returns ``(parameter, flag)`` pairs: ``flag``, a 0-dim bool
+  tensor on the layer's device, says whether that parameter's optimizer
+  state became stale (the scheduler reads all flags in one host
+  synchronization, and only when it has an optimizer to reset);
+* optionally ``maintenance_claim(scheduler)``: called on a scheduler's first
+  step and at each round; a layer that also maintains itself leaves its
+  rounds to ``scheduler`` while that object lives.
+
+Families whose classes do not define the hooks themselves may register
+functions with the same signatures (taking the layer first) through
+``_register_maintenance``; :mod:`pyro_lunet.rank_one_scheduler` does so for
+:class:`~pyro_lunet.RankOneUpdatedLinear`.
 """
 
 from __future__ import annotations
@@ -21,15 +48,17 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import pyro.distributions as dist
 import torch
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.optim import PyroOptim
 
-from .rank_one_scheduler import RankOneScheduler
+from ._scoring import held_out_count, mean_nll, standard_normal
+from .fingerprint import parameter_fingerprint
 from .transforms.base import optimizer_step_count
 
 __all__ = [
@@ -37,11 +66,9 @@ __all__ = [
     "Maintenance",
     "PenalizedELBO",
     "fit_density",
-    "held_out_count",
-    "log_prob_in_chunks",
-    "mean_nll",
     "penalty",
-    "standard_normal",
+    "train_epoch",
+    "train_val_split",
 ]
 
 Modules = torch.nn.Module | Iterable[torch.nn.Module]
@@ -91,25 +118,55 @@ def penalty(module: Modules) -> torch.Tensor:
     return ref.new_zeros(())
 
 
-def standard_normal(
-    dim: int, like: torch.Tensor, validate_args: bool | None = None
-) -> dist.Distribution:
-    """``N(0, I_dim)`` as a Pyro distribution with event dim 1, on ``like``'s device and dtype."""
-    zero = like.new_zeros(dim)
-    return dist.Normal(zero, torch.ones_like(zero), validate_args=validate_args).to_event(1)
+# Maintenance hooks registered for classes that do not define them:
+# class -> (maintenance_round, maintenance_claim or None), each taking the layer first.
+_maintenance_adapters: dict[type, tuple[Callable, Callable | None]] = {}
+
+
+def _register_maintenance(
+    cls: type, maintenance_round: Callable, maintenance_claim: Callable | None = None
+) -> None:
+    """Lets instances of ``cls`` take part in :class:`Maintenance` through functions
+    with the hooks' signatures and the layer as first argument."""
+    _maintenance_adapters[cls] = (maintenance_round, maintenance_claim)
+
+
+def _maintenance_hooks(module: torch.nn.Module) -> tuple[Callable, Callable | None] | None:
+    """``(round, claim)`` bound to ``module``, or ``None`` when it needs no maintenance."""
+    round_ = getattr(module, "maintenance_round", None)
+    if callable(round_):
+        claim = getattr(module, "maintenance_claim", None)
+        return round_, (claim if callable(claim) else None)
+    for cls in type(module).__mro__:
+        adapter = _maintenance_adapters.get(cls)
+        if adapter is not None:
+            round_, claim = adapter
+            return partial(round_, module), (None if claim is None else partial(claim, module))
+    return None
 
 
 class Maintenance:
-    """Every layer family's work between optimizer steps, for a module tree.
+    r"""Every layer's work between optimizer steps, for a module tree.
 
-    Call :meth:`step` once after every optimizer step. Today this runs the
-    merges and drift corrections of rank-one-updated layers (through
-    :class:`~pyro_lunet.RankOneScheduler`, which also drops the optimizer
-    state of each freshly redrawn :math:`v`); the other families need none
-    (self-normalizing layers only need :func:`penalty` in the loss). Layers are
-    looked up at each step, so a guide that builds its transform on its first
-    call may be handed over before that, and a tree without such layers costs
-    nothing.
+    Call :meth:`step` once after every optimizer step. The layers are the
+    modules of the tree that define the maintenance hooks (see
+    :mod:`pyro_lunet.training`); today these are the rank-one-updated
+    layers, whose merges and drift corrections this runs (the other
+    families need none: self-normalizing layers only need :func:`penalty`
+    in the loss). Layers that also maintain themselves leave their rounds
+    to this scheduler from its first :meth:`step` on, while it lives. Layers
+    are looked up at each round, so a guide that builds its transform on its
+    first call may be handed over before that, and a tree without such
+    layers costs nothing.
+
+    Every ``merge_every`` steps a round runs on every layer, forced every
+    ``force_every``-th round; then the optimizer state of each parameter a
+    layer reports stale (a rank-one layer's freshly redrawn :math:`v`, and
+    :math:`u` where a non-finite update was discarded) is dropped. Every
+    ``correct_every`` rounds the round includes a drift correction of
+    ``correct_steps`` iterations, and every ``recompute_log_det_every``
+    rounds an exact recomputation of the log-determinant (O(D^3), cheaper
+    than a correction; the default recomputes it with every correction).
 
     A plain PyTorch loop::
 
@@ -122,35 +179,135 @@ class Maintenance:
             opt.step()
             maintenance.step()
 
+    Cost: a round is O(D^2) per rank-one layer and, when there is an
+    optimizer to reset, one host synchronization for the whole tree; a
+    correction O(D^3) per layer.
+
     :param module: a ``torch.nn.Module`` or several, holding the layers.
     :param optimizer: the ``torch.optim.Optimizer`` or ``pyro.optim.PyroOptim``
-        stepping their parameters, or ``None`` (optimizer state is then kept
-        across merges).
-    :param rank_one: keywords for :class:`~pyro_lunet.RankOneScheduler`
-        (``merge_every``, ``force_every``, ``correct_every``...).
+        (including its LR schedulers) stepping their parameters, or ``None``
+        (optimizer state is then kept across rounds).
+    :param int merge_every: optimizer steps between rounds.
+    :param force_every: rounds between forced ones, or ``None`` for never.
+    :param correct_every: rounds between drift corrections, or ``None`` for
+        never.
+    :param int correct_steps: iterations per correction.
+    :param recompute_log_det_every: rounds between exact recomputations of
+        the log-determinant, or ``None`` for never.
     """
 
     def __init__(
         self,
         module: Modules,
         optimizer: torch.optim.Optimizer | PyroOptim | None = None,
-        **rank_one,
+        merge_every: int = 10,
+        force_every: int | None = 10,
+        correct_every: int | None = 50,
+        correct_steps: int = 1,
+        recompute_log_det_every: int | None = 50,
     ):
-        self.schedulers = [RankOneScheduler(_roots(module), optimizer, **rank_one)]
+        self.roots = _roots(module)
+        if optimizer is not None and not isinstance(optimizer, (torch.optim.Optimizer, PyroOptim)):
+            raise ValueError(
+                "optimizer must be a torch.optim.Optimizer, a pyro.optim.PyroOptim or None, "
+                f"got {type(optimizer).__name__}"
+            )
+        self.optimizer = optimizer
+        self.merge_every = _positive("merge_every", merge_every)
+        self.force_every = _positive("force_every", force_every, optional=True)
+        self.correct_every = _positive("correct_every", correct_every, optional=True)
+        self.correct_steps = _positive("correct_steps", correct_steps)
+        self.recompute_log_det_every = _positive(
+            "recompute_log_det_every", recompute_log_det_every, optional=True
+        )
+        self.num_steps = 0
+        self.num_rounds = 0
+
+    @property
+    def schedulers(self) -> list[Maintenance]:
+        """``[self]``: kept for code written when the rounds ran in inner schedulers."""
+        return [self]
+
+    def layers(self) -> list[torch.nn.Module]:
+        """The modules of the tree that take part, each once."""
+        return [m for m in _unique_modules(self.roots) if _maintenance_hooks(m) is not None]
 
     def step(self) -> None:
         """Counts one optimizer step and does whatever work is due."""
-        for scheduler in self.schedulers:
-            scheduler.step()
+        self.num_steps += 1
+        due = self.num_steps % self.merge_every == 0
+        if not (due or self.num_steps == 1):
+            return
+        layers = self.layers()
+        hooks = [_maintenance_hooks(layer) for layer in layers]
+        for _, claim in hooks:  # from the first step on, these rounds replace the layers' own
+            if claim is not None:
+                claim(self)
+        if not due:
+            return
+        self.num_rounds += 1
+        if not layers:
+            return
+        force = _due(self.force_every, self.num_rounds)
+        correct_steps = self.correct_steps if _due(self.correct_every, self.num_rounds) else 0
+        recompute = _due(self.recompute_log_det_every, self.num_rounds)
+        stale = [pair for round_, _ in hooks for pair in round_(force, correct_steps, recompute)]
+        if self.optimizer is not None and stale:
+            # One synchronization for the whole tree.
+            device = stale[0][1].device
+            flags = torch.stack([flag.to(device) for _, flag in stale]).tolist()
+            for (param, _), flag in zip(stale, flags):
+                if flag:
+                    self._forget(param)
+
+    def _forget(self, param: torch.Tensor) -> None:
+        """Drops the optimizer's state for ``param``: its next step starts afresh."""
+        if isinstance(self.optimizer, PyroOptim):
+            # One torch optimizer (or LR scheduler around one) per parameter.
+            inner = self.optimizer.optim_objs.get(param)
+            if inner is None:
+                return
+            optimizer = getattr(inner, "optimizer", inner)
+        else:
+            optimizer = self.optimizer
+        optimizer.state.pop(param, None)
+
+    def _counters(self) -> dict:
+        return {"num_steps": self.num_steps, "num_rounds": self.num_rounds}
+
+    def _load_counters(self, state: dict) -> None:
+        self.num_steps = int(state["num_steps"])
+        self.num_rounds = int(state["num_rounds"])
 
     def state_dict(self) -> dict:
-        """The schedulers' counters, for checkpoints."""
-        return {"schedulers": [s.state_dict() for s in self.schedulers]}
+        """The step and round counters, for checkpoints."""
+        return {"schedulers": [self._counters()]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what :meth:`state_dict` saved."""
-        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
-            scheduler.load_state_dict(saved)
+        for saved in state["schedulers"][:1]:
+            self._load_counters(saved)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(merge_every={self.merge_every}, "
+            f"force_every={self.force_every}, correct_every={self.correct_every}, "
+            f"correct_steps={self.correct_steps}, "
+            f"recompute_log_det_every={self.recompute_log_det_every})"
+        )
+
+
+def _positive(name: str, value, optional: bool = False):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        expected = "a positive int or None" if optional else "a positive int"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def _due(every: int | None, count: int) -> bool:
+    return every is not None and count % every == 0
 
 
 class PenalizedELBO(ELBO):
@@ -234,8 +391,7 @@ class PenalizedELBO(ELBO):
         """Sets the optimizer whose state merges reset (e.g. one built after the guide)."""
         self.optimizer = optimizer
         if self.maintenance is not None:
-            for scheduler in self.maintenance.schedulers:
-                scheduler.optimizer = optimizer
+            self.maintenance.optimizer = optimizer
 
     def _roots(self, model, guide) -> list[torch.nn.Module]:
         found = [m for m in (model, guide) if isinstance(m, torch.nn.Module)]
@@ -249,7 +405,7 @@ class PenalizedELBO(ELBO):
         # The optimizer-step count catches optimizers that write through
         # ``p.data`` (Pyro's ClippedAdam), which leaves ``_version`` alone.
         params = {id(p): p for m in roots for p in m.parameters()}.values()
-        return (optimizer_step_count(), *((p._version, p.data_ptr()) for p in params))
+        return (optimizer_step_count(), *parameter_fingerprint(params))
 
     def _maintain(self, model, guide) -> None:
         """Runs the maintenance due since the last gradient call, if parameters changed."""
@@ -259,8 +415,7 @@ class PenalizedELBO(ELBO):
         if self.maintenance is None:
             self.maintenance = Maintenance(roots, self.optimizer, **self._maintenance_kwargs)
         else:
-            for scheduler in self.maintenance.schedulers:
-                scheduler.roots = roots
+            self.maintenance.roots = roots
         fingerprint = self._fingerprint_of(roots)
         if self._fingerprint is not None and fingerprint != self._fingerprint:
             self.maintenance.step()
@@ -358,6 +513,11 @@ def fit_density(
     dtype) and every other bad argument are refused before the flow is
     touched.
 
+    The steps are public, for loops that need another shape: the split is
+    :func:`train_val_split`'s (the same rows for the same ``val_fraction``
+    and ``seed``), each epoch one :func:`train_epoch` with a
+    :class:`Maintenance`.
+
     Example::
 
         >>> import torch
@@ -386,30 +546,10 @@ def fit_density(
         parameters become NaN or infinite), naming the epoch and the state the
         flow was restored to.
     """
-    if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.shape[1] == 0:
-        shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
-        raise ValueError(f"data must be a tensor of shape (N, D), got {shape}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    params = list(flow.parameters())
-    if not params:
-        raise ValueError("flow has no parameters to fit")
-    wrong = next((p for p in params if p.device != data.device or p.dtype != data.dtype), None)
-    if wrong is not None:
-        raise ValueError(
-            f"flow parameters must be on data's device and dtype ({data.device}, {data.dtype}), "
-            f"got ({wrong.device}, {wrong.dtype}); move the flow with .to(data)"
-        )
+    params = _check_fit_arguments(flow, data, epochs, batch_size, val_fraction)
+    # One generator draws the split, then each epoch's batch order.
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(data.shape[0], generator=gen).to(data.device)
-    num_val = held_out_count(data.shape[0], val_fraction)
-    if num_val >= data.shape[0]:
-        raise ValueError(f"need more rows than the held-out split, got {data.shape[0]}")
-    val, train = data[order[:num_val]], data[order[num_val:]]
+    train, val, train_index, val_index = _split(data, val_fraction, gen)
     _check_values(data, train)
     # Without validation a NaN from a diverging step reaches the loss, which
     # is checked once an epoch, rather than failing deep inside Pyro.
@@ -429,30 +569,21 @@ def fit_density(
     diverged = None
     try:
         for epoch in range(epochs):
-            flow.train()
-            total, count = data.new_zeros(()), 0
             perm = torch.randperm(train.shape[0], generator=gen).to(data.device)
-            for batch in train[perm].split(batch_size):
-                nll = -model.log_prob(batch).mean()
-                loss = nll + penalty(flow)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                maintenance.step()
-                total = total + nll.detach() * batch.shape[0]
-                count += batch.shape[0]
-                if bar is not None and bar.due():
-                    bar.show(epoch, (total / count).item())
+            on_batch = None if bar is None else partial(_show_running, bar, epoch)
+            train_nll = train_epoch(
+                model, train[perm].split(batch_size), optimizer, maintenance, on_batch
+            )
             val_nll = mean_nll(model, val, 4 * batch_size)
-            if not (math.isfinite(val_nll) and (total / count).isfinite()):
+            if not (math.isfinite(val_nll) and math.isfinite(train_nll)):
                 diverged = _diverged(epoch, lr, _fallback(best, at_call))
                 raise diverged
-            history["train_nll"].append((total / count).item())
+            history["train_nll"].append(train_nll)
             history["val_nll"].append(val_nll)
             if val_nll < best[0]:
                 best = (val_nll, epoch, copy.deepcopy(flow.state_dict()))
             if bar is not None:
-                bar.show(epoch + 1, history["train_nll"][-1], val_nll)
+                bar.show(epoch + 1, train_nll, val_nll)
     except BaseException as error:  # KeyboardInterrupt too: the user keeps the best state
         fallback = _fallback(best, at_call)
         _restore(flow, fallback)
@@ -464,7 +595,129 @@ def fit_density(
             bar.close()
     _restore(flow, best)
     seconds = time.perf_counter() - start
-    return FitResult(model, best[0], best[1], history, seconds, (order[num_val:], order[:num_val]))
+    return FitResult(model, best[0], best[1], history, seconds, (train_index, val_index))
+
+
+def _check_fit_arguments(
+    flow: torch.nn.Module, data: torch.Tensor, epochs: int, batch_size: int, val_fraction: float
+) -> list[torch.nn.Parameter]:
+    """Refuses :func:`fit_density`'s bad arguments (all but the data's values);
+    returns the flow's parameters."""
+    if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.shape[1] == 0:
+        shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+        raise ValueError(f"data must be a tensor of shape (N, D), got {shape}")
+    _check_val_fraction(val_fraction)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    params = list(flow.parameters())
+    if not params:
+        raise ValueError("flow has no parameters to fit")
+    wrong = next((p for p in params if p.device != data.device or p.dtype != data.dtype), None)
+    if wrong is not None:
+        raise ValueError(
+            f"flow parameters must be on data's device and dtype ({data.device}, {data.dtype}), "
+            f"got ({wrong.device}, {wrong.dtype}); move the flow with .to(data)"
+        )
+    return params
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
+
+
+def train_val_split(
+    data: torch.Tensor, val_fraction: float = 0.1, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training and held-out rows :func:`fit_density` uses for the same
+    ``val_fraction`` and ``seed``.
+
+    A random permutation of the rows (from a CPU generator seeded with
+    ``seed``, so the split is the same on every device) whose first
+    ``max(1, round(val_fraction * N))`` rows are held out.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_lunet.training import train_val_split
+        >>> train, val, train_index, val_index = train_val_split(torch.randn(10, 2), 0.2)
+        >>> train.shape, val.shape, sorted(torch.cat([train_index, val_index]).tolist())
+        (torch.Size([8, 2]), torch.Size([2, 2]), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+
+    :param data: ``(N, ...)`` rows.
+    :param float val_fraction: the held-out share, in (0, 1).
+    :param int seed: seeds the permutation.
+    :returns: ``(train, val, train_index, val_index)``: the rows and their
+        indices into ``data`` (on ``data``'s device).
+    :raises ValueError: when ``val_fraction`` is outside (0, 1) or the
+        held-out split would take every row.
+    """
+    if not isinstance(data, torch.Tensor) or data.dim() == 0:
+        raise ValueError(f"data must be a tensor of rows, got {type(data).__name__}")
+    _check_val_fraction(val_fraction)
+    return _split(data, val_fraction, torch.Generator().manual_seed(seed))
+
+
+def _split(data: torch.Tensor, val_fraction: float, gen: torch.Generator) -> tuple:
+    order = torch.randperm(data.shape[0], generator=gen).to(data.device)
+    num_val = held_out_count(data.shape[0], val_fraction)
+    if num_val >= data.shape[0]:
+        raise ValueError(f"need more rows than the held-out split, got {data.shape[0]}")
+    train_index, val_index = order[num_val:], order[:num_val]
+    return data[train_index], data[val_index], train_index, val_index
+
+
+def train_epoch(
+    model: dist.TransformedDistribution,
+    batches: Iterable[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    maintenance: Maintenance | None = None,
+    on_batch: Callable[[torch.Tensor], None] | None = None,
+) -> float:
+    """One pass of maximum-likelihood training over ``batches``, as :func:`fit_density` runs it.
+
+    Puts the model's transforms in training mode; for each batch, one
+    optimizer step on the mean ``-log p(x)`` plus :func:`penalty` of the
+    transforms, followed by ``maintenance.step()``.
+
+    :param model: a ``TransformedDistribution`` whose transforms are trained.
+    :param batches: the batches of rows, in order.
+    :param optimizer: a ``torch.optim.Optimizer`` over the transforms' parameters.
+    :param maintenance: the :class:`Maintenance` to step after each
+        optimizer step, or ``None`` (the layers then maintain themselves).
+    :param on_batch: called after each batch with the running mean NLL as a
+        0-dim tensor (reading it synchronizes with the device).
+    :returns: the mean NLL over the epoch's rows, in nats (NaN or infinite
+        when training diverged).
+    :raises ValueError: when ``batches`` is empty.
+    """
+    modules = [t for t in model.transforms if isinstance(t, torch.nn.Module)]
+    for module in modules:
+        module.train()
+    total, count = None, 0
+    for batch in batches:
+        nll = -model.log_prob(batch).mean()
+        loss = nll + penalty(modules) if modules else nll
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if maintenance is not None:
+            maintenance.step()
+        term = nll.detach() * batch.shape[0]
+        total = term if total is None else total + term
+        count += batch.shape[0]
+        if on_batch is not None:
+            on_batch(total / count)
+    if total is None:
+        raise ValueError("batches must hold at least one batch")
+    return (total / count).item()
+
+
+def _show_running(bar: _Progress, epoch: int, running: torch.Tensor) -> None:
+    if bar.due():
+        bar.show(epoch, running.item())
 
 
 def _check_values(data: torch.Tensor, train: torch.Tensor) -> None:
@@ -529,40 +782,11 @@ def _restore(flow: torch.nn.Module, scored: tuple) -> None:
     flow.eval()
 
 
-def held_out_count(num_rows: int, val_fraction: float) -> int:
-    """How many of ``num_rows`` rows :func:`fit_density` holds out (at least one)."""
-    return max(1, round(val_fraction * num_rows))
-
-
 def _diverged(epoch: int, lr: float, fallback: tuple) -> FloatingPointError:
     return FloatingPointError(
         f"training diverged in epoch {epoch + 1}: the loss or the parameters became NaN or "
         f"infinite; try a smaller learning rate than {lr:g}; {_restored(fallback)}"
     )
-
-
-def log_prob_in_chunks(model: dist.TransformedDistribution, rows: torch.Tensor,
-                       chunk: int = 4096) -> torch.Tensor:  # fmt: skip
-    """``model.log_prob(rows)`` in eval mode and without gradients, ``chunk`` rows at a time.
-
-    Eval mode gives every layer's exact log-determinant (SNF's is tracked in
-    training mode); each module's mode is restored afterwards.
-    """
-    modules = [m for t in model.transforms if isinstance(t, torch.nn.Module) for m in t.modules()]
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        with torch.no_grad():
-            return torch.cat([model.log_prob(part) for part in rows.split(chunk)])
-    finally:
-        for m, mode in zip(modules, modes):
-            m.training = mode
-
-
-def mean_nll(model: dist.TransformedDistribution, rows: torch.Tensor, chunk: int = 4096) -> float:
-    """Mean ``-log p`` of ``rows`` in nats, as :func:`log_prob_in_chunks` scores them."""
-    return -log_prob_in_chunks(model, rows, chunk).mean().item()
 
 
 class _Progress:

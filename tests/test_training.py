@@ -1,7 +1,9 @@
-"""Training helpers: fit_density, Maintenance, PenalizedELBO with SVI and torch loops."""
+"""Training helpers: fit_density and its steps, Maintenance, PenalizedELBO with SVI and torch
+loops."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from functools import partial
@@ -13,16 +15,22 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormalizingFlow
 
+import pyro_lunet
+import pyro_lunet.training
 from pyro_lunet import (
     Maintenance,
     PenalizedELBO,
+    RankOneScheduler,
     RankOneUpdatedLinear,
     SelfNormalizingLinear,
     activation_flow,
     coupling_flow,
     fit_density,
     penalty,
+    train_epoch,
+    train_val_split,
 )
+from pyro_lunet.fingerprint import parameter_fingerprint
 
 logging.getLogger("pyro").setLevel(logging.WARNING)
 MIX = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [-0.5, 0.3, 0.4]], dtype=torch.float64)
@@ -220,3 +228,110 @@ def test_fit_density_names_a_divergence():
     data = torch.randn(200, 2)
     with pytest.raises(FloatingPointError, match="diverged in epoch 1.*smaller learning rate"):
         fit_density(flow, data, epochs=2, lr=1e30, progress=False)
+
+
+# ------------------------------------------------------------- named steps
+def test_train_val_split_is_fit_densitys_split():
+    data = gaussian_rows(50)
+    train, val, train_index, val_index = train_val_split(data, 0.2, seed=3)
+    expected_train, expected_val = _split(data, 0.2, 3)
+    assert torch.equal(train, expected_train) and torch.equal(val, expected_val)
+    assert torch.equal(data[train_index], train) and torch.equal(data[val_index], val)
+    flow = activation_flow(3, 0, role="density").to(torch.float64)
+    result = fit_density(flow, data, epochs=1, val_fraction=0.2, seed=3, progress=False)
+    assert torch.equal(result.split[0], train_index) and torch.equal(result.split[1], val_index)
+    with pytest.raises(ValueError, match="val_fraction"):
+        train_val_split(data, 0.0)
+    with pytest.raises(ValueError, match="held-out split"):
+        train_val_split(data[:1], 0.5)
+
+
+def test_train_epoch_is_one_epoch_of_fit_density():
+    data = gaussian_rows(120)
+    torch.manual_seed(0)
+    flow = activation_flow(3, 1, layer="rank_one", role="density").to(torch.float64)
+    twin = copy.deepcopy(flow)
+    result = fit_density(flow, data, epochs=1, batch_size=40, lr=1e-2, progress=False)
+    # The same epoch by hand: the split's generator then draws the batch order.
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(data), generator=gen)
+    train = data[order[12:]]
+    perm = torch.randperm(len(train), generator=gen)
+    model = dist.TransformedDistribution(
+        dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1), twin
+    )
+    opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    seen = []
+    nll = train_epoch(model, train[perm].split(40), opt, Maintenance(twin, opt), seen.append)
+    assert nll == pytest.approx(result.history["train_nll"][0], rel=1e-12)
+    assert len(seen) == 3 and seen[-1].item() == pytest.approx(nll, rel=1e-12)
+    with pytest.raises(ValueError, match="at least one batch"):
+        train_epoch(model, [], opt)
+
+
+# ---------------------------------------------------------- discovered hooks
+class _Counting(torch.nn.Module):
+    """A layer that takes part in Maintenance by defining the hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.rounds, self.claimed_by = [], None
+
+    def maintenance_round(self, force, correct_steps, recompute_log_det):
+        self.rounds.append((force, correct_steps, recompute_log_det))
+        return [(self.weight, torch.tensor(force))]
+
+    def maintenance_claim(self, scheduler):
+        self.claimed_by = scheduler
+
+
+def test_maintenance_discovers_layers_by_their_hooks():
+    layer = _Counting()
+    tree = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ModuleList([layer, layer]))
+    opt = torch.optim.SGD(tree.parameters(), lr=0.1, momentum=0.9)
+    tree[0](torch.ones(1, 2)).sum().add(layer.weight.sum()).backward()
+    opt.step()
+    maintenance = Maintenance(tree, opt, merge_every=2, force_every=2, correct_every=3,
+                              correct_steps=4, recompute_log_det_every=None)  # fmt: skip
+    assert maintenance.layers() == [layer]
+    maintenance.step()
+    assert layer.claimed_by is maintenance and layer.rounds == []
+    for _ in range(5):
+        maintenance.step()
+    assert layer.rounds == [(False, 0, False), (True, 0, False), (False, 4, False)]
+    assert layer.weight not in opt.state  # dropped when the forced round flagged it
+    assert all(p in opt.state for p in tree[0].parameters())
+    assert maintenance.schedulers == [maintenance]  # the old spelling still reads
+
+
+def test_rank_one_scheduler_is_a_maintenance_of_rank_one_layers_only():
+    layer = _Counting()
+    rank_one = RankOneUpdatedLinear(3)
+    tree = torch.nn.ModuleList([layer, rank_one])
+    scheduler = RankOneScheduler(tree, None, merge_every=1)
+    assert isinstance(scheduler, Maintenance)
+    assert scheduler.layers() == [rank_one]
+    scheduler.step()
+    assert layer.rounds == [] and scheduler.state_dict() == {"num_steps": 1, "num_rounds": 1}
+    assert Maintenance(tree).layers() == [layer, rank_one]
+
+
+def test_training_module_exports_no_command_line_helpers():
+    for name in ("held_out_count", "log_prob_in_chunks", "mean_nll", "standard_normal"):
+        assert name not in pyro_lunet.training.__all__
+        assert name not in pyro_lunet.__all__
+    assert {"train_epoch", "train_val_split"} <= set(pyro_lunet.__all__)
+
+
+def test_parameter_fingerprint_sees_in_place_writes_and_new_storage():
+    p = torch.nn.Parameter(torch.zeros(3))
+    key = parameter_fingerprint([p])
+    assert parameter_fingerprint([p]) == key
+    with torch.no_grad():
+        p.add_(1.0)
+    assert parameter_fingerprint([p]) != key
+    key = parameter_fingerprint([p], requires_grad=True)
+    p.requires_grad_(False)
+    assert parameter_fingerprint([p], requires_grad=True) != key
+    assert len(parameter_fingerprint([p, p])) == 2
