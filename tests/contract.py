@@ -1,6 +1,6 @@
-"""The contract every transform of pyro-lunet honours, as reusable checks.
+"""The registry of transforms under contract; the checks are :mod:`pyro_lunet.testing`'s.
 
-``tests/test_contract.py`` runs these checks over ``CASES``; a new family
+``tests/test_contract.py`` runs those checks over ``CASES``; a new family
 joins by adding one :class:`Case` line there.
 """
 
@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.distributions.utils import _sum_rightmost
+
+from pyro_lunet import testing
 
 DIMS = (1, 2, 3, 5, 16, 64)
 
@@ -44,35 +45,15 @@ class Case:
     prepare: Callable[[torch.nn.Module], None] | None = None
     guide: bool = True
 
-    def build(self, dim: int, dtype: torch.dtype = torch.float64, seed: int = 0):
-        torch.manual_seed(seed)
-        module = self.make(dim).to(dtype)
-        with torch.no_grad():
-            for p in module.parameters():
-                if p.is_floating_point():
-                    p.add_(self.perturb * torch.randn_like(p))
-        if self.prepare is not None:
-            self.prepare(module)
-        return module
+    def build(
+        self,
+        dim: int,
+        dtype: torch.dtype = torch.float64,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> torch.nn.Module:
+        """``make(dim)`` as :func:`pyro_lunet.testing.check_layer` builds it."""
+        return testing.build(self.make, dim, dtype, device, self.perturb, self.prepare, seed)
 
     def __repr__(self) -> str:  # shown as the pytest id
         return self.name
-
-
-def total_log_det(transform, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``log|det J|`` of the map on R^D, summed over elementwise event dims."""
-    return _sum_rightmost(transform.log_abs_det_jacobian(x, y), 1 - transform.domain.event_dim)
-
-
-def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return torch.autograd.functional.jacobian(fn, x)
-
-
-def forward(transform, x: torch.Tensor) -> torch.Tensor:
-    """``transform(x)`` computed afresh (a new tensor cannot hit a cache)."""
-    return transform(x.clone())
-
-
-def inverse(transform, y: torch.Tensor) -> torch.Tensor:
-    """``transform.inv(y)`` computed afresh."""
-    return transform.inv(y.clone())
