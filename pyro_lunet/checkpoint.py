@@ -30,8 +30,8 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
 
+from ._scoring import standard_normal
 from .flows import activation_flow, coupling_flow
-from .training import standard_normal
 from .transforms.lu_net import lu_net
 from .transforms.registry import FAMILIES
 

@@ -1,47 +1,22 @@
 """Merges and drift corrections of rank-one-updated layers, run from a training loop.
 
 :class:`~pyro_lunet.Maintenance` runs every family's between-steps work;
-this module supplies the rank-one family's round to it (the maintenance
-hooks of :mod:`pyro_lunet.training`) and :class:`RankOneScheduler`, a
+:class:`RankOneScheduler` is a
 :class:`~pyro_lunet.Maintenance` limited to rank-one-updated layers, kept
 for the loops written with it.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 
 import torch
 from pyro.optim import PyroOptim
-from torch import Tensor
 
-from .training import Maintenance, _register_maintenance
+from .training import Maintenance
 from .transforms.rank_one import RankOneUpdatedLinear
 
 __all__ = ["RankOneScheduler"]
-
-
-def _maintenance_round(
-    layer: RankOneUpdatedLinear, force: bool, correct_steps: int, recompute_log_det: bool
-) -> list[tuple[Tensor, Tensor]]:
-    """One scheduled round of ``layer``: a merge, then a correction if asked.
-
-    Returns the parameters whose optimizer state the merge made stale: ``v``
-    when it was redrawn, ``u`` too when a non-finite update was discarded.
-    """
-    merged, reset = layer._merge(force)
-    if correct_steps or recompute_log_det:
-        layer.correct_(correct_steps, recompute_log_det=recompute_log_det)
-    return [(layer.v, reset), (layer.u, reset & ~merged)]
-
-
-def _maintenance_claim(layer: RankOneUpdatedLinear, scheduler: object) -> None:
-    """The layer leaves its own rounds to ``scheduler`` while that object lives."""
-    layer._upkeep.scheduler = weakref.ref(scheduler)
-
-
-_register_maintenance(RankOneUpdatedLinear, _maintenance_round, _maintenance_claim)
 
 
 class RankOneScheduler(Maintenance):

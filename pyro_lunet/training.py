@@ -36,10 +36,7 @@ Both kinds of cooperation are discovered by duck typing, never by family:
   step and at each round; a layer that also maintains itself leaves its
   rounds to ``scheduler`` while that object lives.
 
-Families whose classes do not define the hooks themselves may register
-functions with the same signatures (taking the layer first) through
-``_register_maintenance``; :mod:`pyro_lunet.rank_one_scheduler` does so for
-:class:`~pyro_lunet.RankOneUpdatedLinear`.
+:class:`~pyro_lunet.RankOneUpdatedLinear` defines both.
 """
 
 from __future__ import annotations
@@ -118,31 +115,13 @@ def penalty(module: Modules) -> torch.Tensor:
     return ref.new_zeros(())
 
 
-# Maintenance hooks registered for classes that do not define them:
-# class -> (maintenance_round, maintenance_claim or None), each taking the layer first.
-_maintenance_adapters: dict[type, tuple[Callable, Callable | None]] = {}
-
-
-def _register_maintenance(
-    cls: type, maintenance_round: Callable, maintenance_claim: Callable | None = None
-) -> None:
-    """Lets instances of ``cls`` take part in :class:`Maintenance` through functions
-    with the hooks' signatures and the layer as first argument."""
-    _maintenance_adapters[cls] = (maintenance_round, maintenance_claim)
-
-
 def _maintenance_hooks(module: torch.nn.Module) -> tuple[Callable, Callable | None] | None:
     """``(round, claim)`` bound to ``module``, or ``None`` when it needs no maintenance."""
     round_ = getattr(module, "maintenance_round", None)
-    if callable(round_):
-        claim = getattr(module, "maintenance_claim", None)
-        return round_, (claim if callable(claim) else None)
-    for cls in type(module).__mro__:
-        adapter = _maintenance_adapters.get(cls)
-        if adapter is not None:
-            round_, claim = adapter
-            return partial(round_, module), (None if claim is None else partial(claim, module))
-    return None
+    if not callable(round_):
+        return None
+    claim = getattr(module, "maintenance_claim", None)
+    return round_, (claim if callable(claim) else None)
 
 
 class Maintenance:

@@ -8,6 +8,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from pyro_lunet._scoring import standard_normal
 from pyro_lunet.checkpoint import (
     CheckpointError,
     ModelConfig,
@@ -17,7 +18,6 @@ from pyro_lunet.checkpoint import (
     parse_flow,
     save_model,
 )
-from pyro_lunet.training import standard_normal
 
 MEAN, SCALE = [0.5, -1.0, 2.0], [2.0, 0.5, 3.0]
 

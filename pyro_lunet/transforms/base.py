@@ -23,6 +23,8 @@ from torch import Tensor
 from torch.distributions import constraints
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..fingerprint import parameter_fingerprint
+
 __all__ = [
     "ROLES",
     "InvertibleLinear",
@@ -223,7 +225,7 @@ class VersionedCacheModule(TransformModule):
             self.training,
             optimizer_step_count(),
             *self._cache_extras(),
-            *((t._version, t.data_ptr(), t.requires_grad) for t in self._keyed_tensors()),
+            *parameter_fingerprint(self._keyed_tensors(), requires_grad=True),
         )
 
     def _keyed_tensors(self) -> list[Tensor]:

@@ -41,7 +41,7 @@ class _Upkeep:
     def __init__(self, seed: int):
         self.seed, self.steps, self.rounds, self.draws, self.pending = seed, 0, 0, 0, 0
         self.optimizers: weakref.WeakSet = weakref.WeakSet()
-        self.scheduler: weakref.ref | None = None  # an explicit RankOneScheduler in charge
+        self.scheduler: weakref.ref | None = None  # an explicit Maintenance in charge
 
     def counters(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in ("seed", "steps", "rounds", "draws")}
@@ -110,8 +110,8 @@ class RankOneUpdatedLinear(InvertibleLinear):
     :math:`v` is drawn from a seed the layer keeps (taken from torch's
     global generator at construction) and a counter in ``state_dict``, so
     seeded runs and data-parallel replicas stay identical. An explicit
-    :class:`~pyro_lunet.RankOneScheduler` (also used by
-    :class:`~pyro_lunet.Maintenance`, :class:`~pyro_lunet.PenalizedELBO` and
+    :class:`~pyro_lunet.Maintenance` (or :class:`~pyro_lunet.RankOneScheduler`;
+    also used by :class:`~pyro_lunet.PenalizedELBO` and
     :func:`~pyro_lunet.fit_density`) takes over from the layer's own
     schedule while it lives; ``merge_every=None`` turns it off.
 
@@ -266,6 +266,25 @@ class RankOneUpdatedLinear(InvertibleLinear):
                     value.copy_(torch.where(discarded, 0, value))
         if due(self.correct_every):
             self.correct_(1, recompute_log_det=True)
+
+    # ------------------------------------------- an explicit scheduler's hooks
+    def maintenance_round(
+        self, force: bool, correct_steps: int, recompute_log_det: bool
+    ) -> list[tuple[Tensor, Tensor]]:
+        """One round of :class:`~pyro_lunet.Maintenance`: a merge, then a correction if asked.
+
+        Returns the parameters whose optimizer state the merge made stale, as
+        device flags: ``v`` when it was redrawn, ``u`` too when a non-finite
+        update was discarded.
+        """
+        merged, reset = self._merge(force)
+        if correct_steps or recompute_log_det:
+            self.correct_(correct_steps, recompute_log_det=recompute_log_det)
+        return [(self.v, reset), (self.u, reset & ~merged)]
+
+    def maintenance_claim(self, scheduler: object) -> None:
+        """Leaves the layer's own rounds to ``scheduler`` while that object lives."""
+        self._upkeep.scheduler = weakref.ref(scheduler)
 
     # The counters travel in state_dict as one int64 CPU tensor, which every
     # consumer of a state_dict (torch.load(weights_only=True) included) takes.

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..fingerprint import parameter_fingerprint
 from .base import (
     InvertibleLinear,
     Role,
@@ -435,7 +436,7 @@ class SelfNormalizingLinear(InvertibleLinear):
 
     # ----------------------------------------------------------------- tracking
     def _param_key(self) -> tuple:
-        return (self.W._version, self.W.data_ptr(), self.RT._version, self.RT.data_ptr())
+        return parameter_fingerprint((self.W, self.RT))
 
     # The tracking buffers change inside log_abs_det() but never change the
     # map, so they stay out of the cache key: a cached rsample -> log_prob
