@@ -35,3 +35,12 @@ def device(request) -> torch.device:
 @pytest.fixture
 def dtype(request) -> torch.dtype:
     return _DTYPES[request.config.getoption("--dtype")]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny problems: fastest, and robust to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,14 +20,7 @@ from pyro_lunet import activation_flow, fit_density
 FIT = {"batch_size": 60, "lr": 2e-2, "seed": 0, "progress": False}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These fits are tiny: intra-op threads only add contention (tens of times slower on a busy
-    machine), as conftest.py notes for xdist workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(dim: int = 2) -> torch.Tensor:

@@ -19,6 +19,7 @@ from pyro.infer.autoguide import AutoNormalizingFlow
 import pyro_lunet
 from pyro_lunet import leaky_softplus, self_normalizing_linear
 from pyro_lunet.transforms import self_normalizing as snf_module
+from tests.test_self_normalizing_dropin import correlated_gaussian
 
 # The side W is applied on: "forward" is role="guide", "inverse" role="density".
 DIRECTIONS = ["forward", "inverse"]
@@ -32,13 +33,7 @@ def _probes_below_the_batch(monkeypatch):
     monkeypatch.setattr(snf_module, "_MIN_PROBES", 1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one intra-op thread is fastest, and robust to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(dim, exact="inverse", seed=0, scale=0.3, sync=False, **kwargs):
@@ -697,13 +692,7 @@ def test_guide_fits_correlated_gaussian_with_svi(loss):
     """role="guide" in AutoNormalizingFlow, trained by SVI with the penalty in the loss."""
     pyro.clear_param_store()
     torch.manual_seed(0)
-    cov = torch.tensor(
-        [[2.0, 0.8, 0.3, 0.0], [0.8, 1.0, 0.2, 0.1], [0.3, 0.2, 0.5, 0.1], [0.0, 0.1, 0.1, 1.5]]
-    )
-    loc = torch.tensor([1.0, -2.0, 0.5, 3.0])
-
-    def model():
-        pyro.sample("z", dist.MultivariateNormal(loc, cov))
+    loc, cov, model = correlated_gaussian()
 
     guide = AutoNormalizingFlow(model, partial(self_normalizing_linear, role="guide"))
     # ClippedAdam writes through .data: the log-det tracking must not rely on versions.

@@ -20,14 +20,7 @@ from pyro.infer.autoguide import AutoNormalizingFlow
 from pyro_lunet import self_normalizing_linear
 from pyro_lunet.transforms import self_normalizing as snf_module
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one intra-op thread is fastest, and robust to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _standard_normal(dim, dtype=torch.float64):
@@ -59,6 +52,19 @@ def _grads(layer):
 
 
 # ------------------------------------------------------------------ fits
+def correlated_gaussian():
+    """``(loc, cov, model)``: a correlated 4-D Gaussian posterior with no data."""
+    cov = torch.tensor(
+        [[2.0, 0.8, 0.3, 0.0], [0.8, 1.0, 0.2, 0.1], [0.3, 0.2, 0.5, 0.1], [0.0, 0.1, 0.1, 1.5]]
+    )
+    loc = torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def model():
+        pyro.sample("z", dist.MultivariateNormal(loc, cov))
+
+    return loc, cov, model
+
+
 def test_guide_trains_with_unmodified_svi_and_trace_elbo():
     """role="guide" in AutoNormalizingFlow, plain ``SVI`` + ``Trace_ELBO()`` (one particle;
     at D = 4 the exact identity probes), no penalty anywhere: the guide fits a correlated Gaussian.
@@ -69,13 +75,7 @@ def test_guide_trains_with_unmodified_svi_and_trace_elbo():
     """
     pyro.clear_param_store()
     torch.manual_seed(0)
-    cov = torch.tensor(
-        [[2.0, 0.8, 0.3, 0.0], [0.8, 1.0, 0.2, 0.1], [0.3, 0.2, 0.5, 0.1], [0.0, 0.1, 0.1, 1.5]]
-    )
-    loc = torch.tensor([1.0, -2.0, 0.5, 3.0])
-
-    def model():
-        pyro.sample("z", dist.MultivariateNormal(loc, cov))
+    loc, cov, model = correlated_gaussian()
 
     guide = AutoNormalizingFlow(model, partial(self_normalizing_linear, role="guide"))
     svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.03, "lrd": 0.996}), Trace_ELBO())

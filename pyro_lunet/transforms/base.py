@@ -135,6 +135,34 @@ def resolve_role(role: str | None, default: str, **legacy: str | None) -> str:
     return replacement
 
 
+class LegacyDirection:
+    """A read-only alias of ``role`` under a family's old keyword (``product``,
+    ``exact``), for one release: ``"forward"`` for ``"guide"``, ``"inverse"`` for
+    ``"density"``, with a ``DeprecationWarning``. A module pickled with the old
+    attribute gets its ``role`` from it on loading (:meth:`translate`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @staticmethod
+    def translate(module_type: type, state: dict) -> None:
+        """Replaces an old keyword's attribute in a pickled ``state`` by ``role``."""
+        for name in list(state):
+            if isinstance(getattr(module_type, name, None), LegacyDirection):
+                state["role"] = "guide" if state.pop(name) == "forward" else "density"
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
+        warnings.warn(
+            f"{type(module).__name__}.{self.name} is deprecated and will be removed in the "
+            "next release; read .role ('guide' for 'forward', 'density' for 'inverse')",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return "forward" if module.role == "guide" else "inverse"
+
+
 # Some optimizers write through ``p.data`` (Pyro's ClippedAdam does), which
 # leaves ``p._version`` unchanged; counting every torch optimizer step (Pyro's
 # optimizers wrap torch's) keys the caches on those updates too.
@@ -383,6 +411,10 @@ class InvertibleLinear(VersionedCacheModule):
             self.bias = torch.nn.Parameter(torch.zeros(input_dim))
         else:
             self.register_parameter("bias", None)
+
+    def __setstate__(self, state: dict) -> None:
+        LegacyDirection.translate(type(self), state)  # pickled before ``role``
+        super().__setstate__(state)
 
     # ------------------------------------------------------------------ hooks
     def _matvec(self, x: Tensor) -> Tensor:

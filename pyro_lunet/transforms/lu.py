@@ -2,13 +2,19 @@ r"""LU-factored invertible linear layers (LU-Net)."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .base import InvertibleLinear, Role, check_square_matrix, haar_orthogonal, resolve_role
+from .base import (
+    InvertibleLinear,
+    LegacyDirection,
+    Role,
+    check_square_matrix,
+    haar_orthogonal,
+    resolve_role,
+)
 from .registry import register_family
 
 __all__ = ["LULinear", "lu_linear"]
@@ -213,22 +219,7 @@ class LULinear(InvertibleLinear):
         z = torch.linalg.solve_triangular(lower.T, y, upper=True, left=False, unitriangular=True)
         return torch.linalg.solve_triangular(upper.T, z, upper=False, left=False)
 
-    @property
-    def product(self) -> str:
-        """Deprecated: ``"forward"`` for ``role="guide"``, ``"inverse"`` for ``"density"``."""
-        warnings.warn(
-            "LULinear.product is deprecated and will be removed in the next release; "
-            "read .role ('guide' for 'forward', 'density' for 'inverse')",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return "forward" if self.role == "guide" else "inverse"
-
-    def __setstate__(self, state: dict) -> None:
-        # Modules pickled before ``role``: translate their ``product``.
-        if "product" in state:
-            state["role"] = "guide" if state.pop("product") == "forward" else "density"
-        super().__setstate__(state)
+    product = LegacyDirection()  # deprecated: read .role
 
     def _matvec(self, x: Tensor) -> Tensor:
         return self._product(x) if self.role == "guide" else self._triangular_solve(x)

@@ -2,7 +2,6 @@ r"""Self-normalizing linear layers (SNF): a dense matrix trained through its lea
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import torch
@@ -11,6 +10,7 @@ from torch import Tensor
 from ..fingerprint import parameter_fingerprint
 from .base import (
     InvertibleLinear,
+    LegacyDirection,
     Role,
     check_positive_int,
     check_square_matrix,
@@ -386,22 +386,7 @@ class SelfNormalizingLinear(InvertibleLinear):
         lu, pivots = self._memo("lu", lambda: torch.linalg.lu_factor(self.W))
         return torch.linalg.lu_solve(lu, pivots, v, left=False, adjoint=True)
 
-    @property
-    def exact(self) -> str:
-        """Deprecated: ``"forward"`` for ``role="guide"``, ``"inverse"`` for ``"density"``."""
-        warnings.warn(
-            "SelfNormalizingLinear.exact is deprecated and will be removed in the next "
-            "release; read .role ('guide' for 'forward', 'density' for 'inverse')",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return "forward" if self.role == "guide" else "inverse"
-
-    def __setstate__(self, state: dict) -> None:
-        # Modules pickled before ``role``: translate their ``exact``.
-        if "exact" in state:
-            state["role"] = "guide" if state.pop("exact") == "forward" else "density"
-        super().__setstate__(state)
+    exact = LegacyDirection()  # deprecated: read .role
 
     # Rows of A x and A^-1 y for the forward-direction matrix A = weight().
     def _matvec(self, x: Tensor) -> Tensor:
