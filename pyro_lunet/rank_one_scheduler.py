@@ -8,11 +8,6 @@ for the loops written with it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-import torch
-from pyro.optim import PyroOptim
-
 from .training import Maintenance
 from .transforms.rank_one import RankOneUpdatedLinear
 
@@ -100,33 +95,9 @@ class RankOneScheduler(Maintenance):
         correction.
     """
 
-    def __init__(
-        self,
-        module: torch.nn.Module | Iterable[torch.nn.Module],
-        optimizer: torch.optim.Optimizer | PyroOptim | None = None,
-        merge_every: int = 10,
-        force_every: int | None = 10,
-        correct_every: int | None = 50,
-        correct_steps: int = 1,
-        recompute_log_det_every: int | None = 50,
-    ):
-        super().__init__(
-            module,
-            optimizer,
-            merge_every=merge_every,
-            force_every=force_every,
-            correct_every=correct_every,
-            correct_steps=correct_steps,
-            recompute_log_det_every=recompute_log_det_every,
-        )
-
     def layers(self) -> list[RankOneUpdatedLinear]:
         """The rank-one-updated layers in the module tree, each once."""
         return [m for m in super().layers() if isinstance(m, RankOneUpdatedLinear)]
-
-    def step(self) -> None:
-        """Counts one optimizer step; merges and corrects when it is time."""
-        super().step()
 
     def state_dict(self) -> dict:
         """The step and round counters, for checkpoints."""
