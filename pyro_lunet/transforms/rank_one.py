@@ -253,8 +253,9 @@ class RankOneUpdatedLinear(InvertibleLinear):
         def due(cadence: int) -> bool:  # a multiple of cadence among the rounds just done
             return upkeep.rounds // cadence > (first - 1) // cadence
 
-        merged, reset = self._merge(force=due(self.force_every))
-        discarded = reset & ~merged
+        correct = due(self.correct_every)
+        stale = self.maintenance_round(due(self.force_every), int(correct), correct)
+        discarded = stale[1][1]  # u's flag: a non-finite update was thrown away
         for optimizer in upkeep.optimizers:
             # v was redrawn (or kept, when the merge was refused: a restart of
             # its moments costs little), and its moments belong to the old v;
@@ -264,8 +265,6 @@ class RankOneUpdatedLinear(InvertibleLinear):
             for value in optimizer.state.get(self.u, {}).values():
                 if isinstance(value, Tensor) and value.shape == self.u.shape:
                     value.copy_(torch.where(discarded, 0, value))
-        if due(self.correct_every):
-            self.correct_(1, recompute_log_det=True)
 
     # ------------------------------------------- an explicit scheduler's hooks
     def maintenance_round(
