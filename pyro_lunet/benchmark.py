@@ -143,8 +143,8 @@ class PyroRunner(Runner):
         self.name, self.module = name, module
         base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
         self.flow = dist.TransformedDistribution(base, [module])
-        # Layers whose training needs a penalty in the loss (SNF's
-        # reconstruction term) get it, as a user's loop would add it.
+        # Layers with a penalty get it in the loss, as PenalizedELBO adds it
+        # (no family needs it; read right after a forward it costs nothing).
         self.penalized = any(callable(getattr(m, "penalty", None)) for m in module.modules())
 
     def _penalty(self):

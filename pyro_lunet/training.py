@@ -1,12 +1,13 @@
 """Training-loop helpers shared by every family.
 
-Some layers need the training loop's cooperation: a penalty added to the loss
-(self-normalizing layers' reconstruction term, rank-one-updated layers' range
-penalty) and maintenance between optimizer steps (rank-one-updated layers'
-merges and drift corrections). The helpers here do both for whatever layers a
+Every family trains in any loop with no helper: self-normalizing layers apply
+their reconstruction gradient in their own backward, rank-one-updated layers
+run their own merges and drift corrections from the optimizer steps they take
+part in. The helpers here are explicit controls on top, for whatever layers a
 module tree holds, so a loop never needs to know which families are inside:
 
-* :func:`penalty`: every layer's penalty in a module tree, to add to a loss;
+* :func:`penalty`: every layer's penalty in a module tree (to report, or to
+  add to a loss for extra weight);
 * :class:`Maintenance`: every layer's between-steps work, ``step()`` after
   each optimizer step of a plain PyTorch loop;
 * :class:`PenalizedELBO`: an ELBO that adds the penalties of the model and
