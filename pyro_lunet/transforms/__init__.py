@@ -13,6 +13,7 @@ from .lu import LULinear, lu_linear  # the default family, listed first
 from .base import ROLES, InvertibleLinear, Role, VersionedCacheModule
 from .butterfly import ButterflyLinear, butterfly_linear
 from .circulant import CirculantDiagonalLinear, circulant_diagonal_linear
+from .flow import Flow
 from .leaky_softplus import LeakySoftplus, leaky_softplus
 from .lu_net import lu_net
 from .rank_one import RankOneUpdatedLinear, rank_one_updated_linear
@@ -25,6 +26,7 @@ __all__ = [
     "CirculantDiagonalLinear",
     "Family",
     "FamilyRegistry",
+    "Flow",
     "InvertibleLinear",
     "LULinear",
     "LeakySoftplus",

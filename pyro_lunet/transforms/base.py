@@ -218,10 +218,13 @@ class VersionedCacheModule(TransformModule):
         self._cache_key: tuple | None = None
         self._cache_token: object | None = None
         self._cache_query: tuple = ((0, 0), 0, False)
+        self._cache_log_det: Tensor | None = None
         self._derived: dict[str, tuple[tuple, object]] = {}
 
     # Module's repr (with extra_repr) rather than Transform's bare "Name()".
     __repr__ = torch.nn.Module.__repr__
+
+    _cache_log_det: Tensor | None = None  # for modules unpickled from before it existed
 
     #: Buffers that change without changing the map (e.g. bookkeeping), left
     #: out of the cache key so that updating them keeps a cached pair.
@@ -257,10 +260,16 @@ class VersionedCacheModule(TransformModule):
         )
 
     def _keyed_tensors(self) -> list[Tensor]:
-        """The tensors whose in-place changes invalidate the caches."""
-        skip = self._unkeyed_buffers
-        buffers = (b for name, b in self.named_buffers() if name not in skip)
-        return [*self.parameters(), *buffers]
+        """The tensors whose in-place changes invalidate the caches.
+
+        Every parameter and buffer of the module tree, less each submodule's
+        own ``_unkeyed_buffers`` (a flow keys on its layers as they would).
+        """
+        tensors = list(self.parameters())
+        for module in self.modules():
+            skip = getattr(module, "_unkeyed_buffers", ())
+            tensors.extend(b for name, b in module.named_buffers(recurse=False) if name not in skip)
+        return tensors
 
     def _before_use(self) -> None:
         """Work owed since the last optimizer step, done before the module is used.
@@ -270,6 +279,33 @@ class VersionedCacheModule(TransformModule):
         rank-one family merges here). It must not change the map.
         """
 
+    def _call_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``y`` and, where it comes free with it, :math:`\\log|\\det J(x)|` (else ``None``).
+
+        A flow computes both in one pass; the cache keeps the log-determinant
+        with the pair, so ``log_prob`` after ``rsample`` reuses it.
+        """
+        return self._call(x), None
+
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``x`` and, where it comes free with it, :math:`\\log|\\det J(x)|` (else ``None``)."""
+        return self._inverse(y), None
+
+    def _apply_with_log_det(self, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """One uncached step of a :class:`~pyro_lunet.Flow`: the image of ``h`` and the log-det.
+
+        ``inverse=False`` maps ``x = h`` to ``y``, ``inverse=True`` maps ``y = h``
+        to ``x``; the log-determinant is the forward one, :math:`\\log|\\det
+        J(x)|`, summed over this module's event dims: a 0-dim tensor when it
+        does not depend on the point, else broadcastable to ``h``'s batch shape
+        or, for an element-wise module, ``h``'s shape. The flow has called
+        :meth:`_before_use` and checked ``h``; families override this to skip
+        their own checks and compute the log-determinant alongside.
+        """
+        out = self._inverse(h) if inverse else self._call(h)
+        x, y = (out, h) if inverse else (h, out)
+        return out, self.log_abs_det_jacobian(x, y)
+
     def __call__(self, x: Tensor) -> Tensor:
         self._before_use()
         if self._cache_size == 0:
@@ -278,8 +314,8 @@ class VersionedCacheModule(TransformModule):
         hit = self._cached(x, key, 0)
         if hit is not None:
             return hit
-        y = self._call(x)
-        self._remember(x, y, 0, key)
+        y, log_det = self._call_and_log_det(x)
+        self._remember(x, y, 0, key, log_det)
         return y
 
     def _inv_call(self, y: Tensor) -> Tensor:
@@ -290,9 +326,17 @@ class VersionedCacheModule(TransformModule):
         hit = self._cached(y, key, 1)
         if hit is not None:
             return hit
-        x = self._inverse(y)
-        self._remember(x, y, 1, key)
+        x, log_det = self._inverse_and_log_det(y)
+        self._remember(x, y, 1, key, log_det)
         return x
+
+    def _cached_log_det(self, x: Tensor, y: Tensor) -> Tensor | None:
+        """The log-determinant kept with the cached pair, if ``(x, y)`` is that pair."""
+        if self._cache_size == 0 or self._cache_log_det is None:
+            return None
+        if self._cached(x, self._state_key(), 0) is not y or y._version != self._cache_query[0][1]:
+            return None
+        return self._cache_log_det
 
     def _cached(self, query: Tensor, key: tuple, side: int) -> Tensor | None:
         """The cached partner of ``query`` (``x`` for side 0, ``y`` for 1), or ``None``."""
@@ -308,9 +352,12 @@ class VersionedCacheModule(TransformModule):
             return None
         return pair[1 - side]
 
-    def _remember(self, x: Tensor, y: Tensor, source: int, key: tuple) -> None:
+    def _remember(
+        self, x: Tensor, y: Tensor, source: int, key: tuple, log_det: Tensor | None = None
+    ) -> None:
         token = object()  # names this pair without holding it
         self._cached_x_y, self._cache_key, self._cache_token = (x, y), key, token
+        self._cache_log_det = log_det
         given = (x, y)[source]
         self._cache_query = ((x._version, y._version), source, given.requires_grad)
         computed = (x, y)[1 - source]
@@ -326,6 +373,7 @@ class VersionedCacheModule(TransformModule):
                 owner = module()
                 if owner is not None and owner._cache_token is token:
                     owner._cached_x_y, owner._cache_key = (None, None), None
+                    owner._cache_log_det = None
 
             computed.register_hook(forget)
 
@@ -334,6 +382,7 @@ class VersionedCacheModule(TransformModule):
         if self._cache_size:
             self._cached_x_y = None, None
         self._cache_key = None
+        self._cache_log_det = None
         self._derived = {}
 
     def _memo(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
@@ -372,6 +421,7 @@ class VersionedCacheModule(TransformModule):
         if "_cached_x_y" in state:
             state["_cached_x_y"] = None, None
         state["_cache_key"] = None
+        state["_cache_log_det"] = None
         state["_derived"] = {}
         return state
 
@@ -473,7 +523,11 @@ class InvertibleLinear(VersionedCacheModule):
         return self._solve(y) - self._solve(self.bias.unsqueeze(0)).squeeze(0)
 
     # -------------------------------------------------------------- transform
-    _sealed = (*VersionedCacheModule._sealed, "_call", "_inverse")
+    _sealed = (*VersionedCacheModule._sealed, "_call", "_inverse", "_apply_with_log_det")
+
+    def _apply_with_log_det(self, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        rows = self._inverse_affine_rows if inverse else self._affine_rows
+        return self._batched(rows, h), self._log_abs_det()
 
     def _call(self, x: Tensor) -> Tensor:
         self._check_input(x)

@@ -96,6 +96,16 @@ class LeakySoftplus(VersionedCacheModule):
     def _inverse(self, y: Tensor) -> Tensor:
         return self.phi(y) if self.inverse else self.phi_inverse(y)
 
+    def _apply_with_log_det(self, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        # phi's own input u is h when phi is applied and the output when
+        # phi^-1 is; log|det| is +log phi'(u) for phi, -log phi'(u) for phi^-1.
+        apply_phi = inverse == self.inverse
+        u = h if apply_phi else self.phi_inverse(h)
+        slope = torch.sigmoid(u) * (1.0 - self.alpha) + self.alpha  # in (alpha, 1): log is stable
+        out = self.phi(u) if apply_phi else u
+        log_det = slope.log()
+        return out, -log_det if self.inverse else log_det
+
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         # Element-wise, like Pyro's own activations (event_dim 0).
         return -self.log_phi_prime(y) if self.inverse else self.log_phi_prime(x)
