@@ -24,6 +24,7 @@ from torch.distributions import constraints
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..fingerprint import parameter_fingerprint
+from ._fused import Kernel
 
 __all__ = [
     "ROLES",
@@ -181,6 +182,32 @@ def optimizer_step_count() -> int:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+# Every submodule registered anywhere bumps this epoch, so a module tree's
+# layout (the dicts holding its parameters and buffers) can be kept between
+# calls: the dicts are read live, so replaced tensors (``.to()``) are seen;
+# only a new submodule changes the layout. Without torch's hook (older
+# versions) the layout is rebuilt on every call.
+_structure_epoch = [0]
+_register_module_hook = getattr(
+    torch.nn.modules.module, "register_module_module_registration_hook", None
+)
+if _register_module_hook is not None:
+
+    def _bump_structure_epoch(module, name, submodule):
+        _structure_epoch[0] += 1
+
+    _register_module_hook(_bump_structure_epoch)
+
+
+def _module_tree(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """``module`` and its descendants, depth first (a shared module may appear twice)."""
+    out = [module]
+    for child in module._modules.values():
+        if child is not None:
+            out.extend(_module_tree(child))
+    return out
+
+
 class VersionedCacheModule(TransformModule):
     """A :class:`~pyro.distributions.TransformModule` whose caches cannot go stale.
 
@@ -263,13 +290,36 @@ class VersionedCacheModule(TransformModule):
         """The tensors whose in-place changes invalidate the caches.
 
         Every parameter and buffer of the module tree, less each submodule's
-        own ``_unkeyed_buffers`` (a flow keys on its layers as they would).
+        own ``_unkeyed_buffers`` (a flow keys on its layers as they would),
+        read from the modules' own dicts on every call (``.to()`` replaces
+        buffers). ``named_modules`` would cost more than the rest of a small
+        layer's call: the dicts are found once per module structure.
         """
-        tensors = list(self.parameters())
-        for module in self.modules():
-            skip = getattr(module, "_unkeyed_buffers", ())
-            tensors.extend(b for name, b in module.named_buffers(recurse=False) if name not in skip)
+        tensors: list[Tensor] = []
+        for parameters, buffers, skip in self._tensor_layout():
+            tensors.extend(p for p in parameters.values() if p is not None)
+            tensors.extend(b for name, b in buffers.items() if b is not None and name not in skip)
         return tensors
+
+    def _first_parameter(self) -> Tensor | None:
+        """The tree's first parameter (whose device and dtype inputs must have), or ``None``."""
+        for parameters, _, _ in self._tensor_layout():
+            for p in parameters.values():
+                if p is not None:
+                    return p
+        return None
+
+    def _tensor_layout(self) -> list[tuple[dict, dict, tuple[str, ...]]]:
+        epoch = _structure_epoch[0] if _register_module_hook is not None else None
+        cached = self.__dict__.get("_layout")
+        if epoch is not None and cached is not None and cached[0] == epoch:
+            return cached[1]
+        layout = [
+            (m._parameters, m._buffers, getattr(m, "_unkeyed_buffers", ()))
+            for m in _module_tree(self)
+        ]
+        self.__dict__["_layout"] = (epoch, layout)
+        return layout
 
     def _before_use(self) -> None:
         """Work owed since the last optimizer step, done before the module is used.
@@ -290,6 +340,15 @@ class VersionedCacheModule(TransformModule):
     def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
         """``x`` and, where it comes free with it, :math:`\\log|\\det J(x)|` (else ``None``)."""
         return self._inverse(y), None
+
+    def _kernel(self, inverse: bool) -> tuple[Kernel, tuple] | None:
+        """Optional hook: this step (``_call``, or ``_inverse`` with ``inverse``) as a
+        :class:`~pyro_lunet.transforms._fused.Kernel` and its params, or ``None``.
+
+        A flow runs consecutive kernels as one autograd node; return one only
+        where that is faster (small D) and the step is closed-form.
+        """
+        return None
 
     def _apply_with_log_det(self, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         """One uncached step of a :class:`~pyro_lunet.Flow`: the image of ``h`` and the log-det.
@@ -356,10 +415,16 @@ class VersionedCacheModule(TransformModule):
         self, x: Tensor, y: Tensor, source: int, key: tuple, log_det: Tensor | None = None
     ) -> None:
         token = object()  # names this pair without holding it
-        self._cached_x_y, self._cache_key, self._cache_token = (x, y), key, token
-        self._cache_log_det = log_det
         given = (x, y)[source]
-        self._cache_query = ((x._version, y._version), source, given.requires_grad)
+        # Plain attributes: written past Module.__setattr__, which costs more
+        # than the rest of this call.
+        self.__dict__.update(
+            _cached_x_y=(x, y),
+            _cache_key=key,
+            _cache_token=token,
+            _cache_log_det=log_det,
+            _cache_query=((x._version, y._version), source, given.requires_grad),
+        )
         computed = (x, y)[1 - source]
         if computed.requires_grad:
             # A backward pass through the computed tensor frees its graph: the
@@ -372,8 +437,8 @@ class VersionedCacheModule(TransformModule):
             def forget(grad: Tensor) -> None:
                 owner = module()
                 if owner is not None and owner._cache_token is token:
-                    owner._cached_x_y, owner._cache_key = (None, None), None
-                    owner._cache_log_det = None
+                    owner.__dict__.update(_cached_x_y=(None, None), _cache_key=None)
+                    owner.__dict__["_cache_log_det"] = None
 
             computed.register_hook(forget)
 
@@ -423,6 +488,7 @@ class VersionedCacheModule(TransformModule):
         state["_cache_key"] = None
         state["_cache_log_det"] = None
         state["_derived"] = {}
+        state.pop("_layout", None)  # holds the dicts of this very tree
         return state
 
 
@@ -545,7 +611,7 @@ class InvertibleLinear(VersionedCacheModule):
         return fn(x.reshape(-1, self.input_dim)).reshape(x.shape)
 
     def _reference(self) -> Tensor:
-        return next(self.parameters())
+        return self._first_parameter()
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
+from ._fused import run_kernels
 from .base import VersionedCacheModule, check_positive_int
 
 __all__ = ["Flow"]
@@ -163,9 +164,10 @@ class Flow(VersionedCacheModule):
         constant: list[Tensor] = []  # 0-dim log-dets, e.g. every linear layer's
         elementwise = None  # shaped like h: summed over the event once, at the end
         total = None  # batch-shaped
-        for part in reversed(self._parts) if inverse else self._parts:
-            step = getattr(part, "_apply_with_log_det", None)
-            h, log_det = step(h, inverse) if step else _apply_foreign(part, h, inverse)
+        kernels: list = []  # consecutive steps with kernels, run as one autograd node
+
+        def add(log_det: Tensor) -> None:
+            nonlocal elementwise, total
             if log_det.dim() == 0:
                 constant.append(log_det)
             elif log_det.dim() == h.dim():
@@ -173,6 +175,22 @@ class Flow(VersionedCacheModule):
             else:
                 log_det = _sum_event(log_det, h.dim() - self._event_dim)
                 total = log_det if total is None else total + log_det
+
+        for part in reversed(self._parts) if inverse else self._parts:
+            kernel = part._kernel(inverse) if hasattr(part, "_kernel") else None
+            if kernel is not None:
+                kernels.append(kernel)
+                continue
+            if kernels:
+                h, log_det = _run_kernels(kernels, h)
+                add(log_det)
+                kernels = []
+            step = getattr(part, "_apply_with_log_det", None)
+            h, log_det = step(h, inverse) if step else _apply_foreign(part, h, inverse)
+            add(log_det)
+        if kernels:
+            h, log_det = _run_kernels(kernels, h)
+            add(log_det)
         if elementwise is not None:
             part_sum = _sum_event(elementwise, h.dim() - self._event_dim)
             total = part_sum if total is None else total + part_sum
@@ -191,7 +209,7 @@ class Flow(VersionedCacheModule):
         ):
             want = f"(..., {self.input_dim})" if self.input_dim is not None else "more dims"
             raise ValueError(f"Flow expects inputs of shape {want}, got {tuple(h.shape)}")
-        ref = next(self.parameters(), None)
+        ref = self._first_parameter()
         if ref is not None and (h.dtype != ref.dtype or h.device != ref.device):
             raise ValueError(
                 f"Flow expects {ref.dtype} on {ref.device} (its parameters'), "
@@ -206,6 +224,12 @@ def _sum_event(log_det: Tensor, batch_dims: int) -> Tensor:
     """``log_det`` summed over its dims after the first ``batch_dims``."""
     extra = log_det.dim() - batch_dims
     return log_det.sum(tuple(range(-extra, 0))) if extra > 0 else log_det
+
+
+def _run_kernels(kernels: list, h: Tensor) -> tuple[Tensor, Tensor]:
+    """A run of kernel steps on the rows of ``h``, as one autograd node."""
+    out, log_det = run_kernels(kernels, h.reshape(-1, h.shape[-1]))
+    return out.reshape(h.shape), log_det if log_det.dim() == 0 else log_det.reshape(h.shape[:-1])
 
 
 def _apply_foreign(part: Transform, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:

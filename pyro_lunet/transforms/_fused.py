@@ -1,0 +1,252 @@
+"""Runs of small-D steps as one autograd node with a hand-written backward pass.
+
+At small D a step costs its autograd nodes and Python calls, not its flops:
+an LU layer's product is about ten nodes (triangles, exponentials, products,
+the bias, the log-determinant), a leaky softplus with its log-derivative
+seven, each paying dispatch and autograd overhead on both passes for a few
+dozen flops. A :class:`Kernel` is one step's forward and backward as plain
+tensor ops; :func:`run_kernels` runs consecutive steps (a whole LU-Net, say)
+as a single node, so the overhead is paid once per run rather than once per
+op.
+
+Gradients of gradients (``create_graph=True``) do not use the hand-written
+backward: it recomputes the run with each kernel's differentiable
+:meth:`Kernel.reference` and differentiates that, so every order is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Params = tuple[Tensor | None, ...]
+
+
+class Kernel:
+    """One step ``h -> (out, log_det)`` with its own backward; ``params`` are its tensors.
+
+    ``log_det`` is the step's forward log-determinant: 0-dim when it does not
+    depend on the point, else one value per row of ``h`` (``(N, D)`` rows).
+    """
+
+    def forward(self, h: Tensor, params: Params) -> tuple[Tensor, Tensor, tuple]:
+        """``(out, log_det, saved)``, computed without a graph."""
+        raise NotImplementedError
+
+    def backward(
+        self, saved: tuple, params: Params, grad_out: Tensor | None, grad_log_det: Tensor | None,
+        needs: Sequence[bool],
+    ) -> tuple[Tensor | None, list[Tensor | None]]:  # fmt: skip
+        """``(grad_h, grads of params)`` from the output's and the log-det's gradients.
+
+        ``grad_log_det`` is shaped like the step's ``log_det`` (summed over
+        the rows for a 0-dim one); ``needs`` says which params need a gradient.
+        """
+        raise NotImplementedError
+
+    def reference(self, h: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+        """The same ``(out, log_det)`` by differentiable ops (for gradients of gradients)."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------- LU
+class LUKernel(Kernel):
+    r"""Rows of :math:`(h - s)(LU)^T + a` and :math:`\pm\sum_i d_i`.
+
+    Params ``(packed, sign, bias)``: ``packed`` holds L below its diagonal,
+    U above it and :math:`d_i = \log|U_{ii}|` on it, ``sign`` the signs of
+    :math:`U_{ii}`; the bias is subtracted first (``subtract=True``, the
+    inverse of a density model's layer) or added last. Dense products, for D
+    up to a few hundred. Cost :math:`O(D^3 + N D^2)` per pass.
+    """
+
+    def __init__(self, subtract: bool, log_det_sign: float):
+        self.subtract = subtract
+        self.log_det_sign = log_det_sign
+
+    def forward(self, h, params):
+        packed, sign, bias = params
+        lower = packed.tril(-1)
+        lower.diagonal().fill_(1.0)
+        upper = packed.triu(1)
+        upper.diagonal().copy_(sign * packed.diagonal().exp())
+        weight = lower @ upper
+        src = h - bias if (self.subtract and bias is not None) else h
+        added = bias is not None and not self.subtract
+        out = torch.addmm(bias, src, weight.T) if added else src @ weight.T
+        log_det = packed.diagonal().sum() * self.log_det_sign
+        return out, log_det, (src, lower, upper, weight)
+
+    def backward(self, saved, params, grad_out, grad_log_det, needs):
+        src, lower, upper, weight = saved
+        packed, _, bias = params
+        grad_h = grad_packed = grad_bias = None
+        if grad_out is not None:
+            grad_src = grad_out @ weight
+            grad_h = grad_src
+            if needs[0]:
+                grad_weight = grad_out.T @ src
+                grad_lower = grad_weight @ upper.T
+                grad_upper = lower.T @ grad_weight
+                grad_packed = grad_lower.tril(-1) + grad_upper.triu(1)
+                # d U_ii / d d_i = U_ii
+                grad_packed.diagonal().copy_(grad_upper.diagonal() * upper.diagonal())
+            if needs[2]:
+                grad_bias = -grad_src.sum(0) if self.subtract else grad_out.sum(0)
+        if grad_log_det is not None and needs[0]:
+            if grad_log_det.dim():  # the run's log-det is per row: this step's is their sum's part
+                grad_log_det = grad_log_det.sum()
+            if grad_packed is None:
+                grad_packed = torch.zeros_like(packed)
+            grad_packed.diagonal().add_(grad_log_det * self.log_det_sign)
+        return grad_h, [grad_packed, None, grad_bias]
+
+    def reference(self, h, params):
+        packed, sign, bias = params
+        eye = torch.eye(packed.shape[0], dtype=packed.dtype, device=packed.device)
+        lower = packed.tril(-1) + eye
+        upper = packed.triu(1) + torch.diag(sign * packed.diagonal().exp())
+        src = h - bias if (self.subtract and bias is not None) else h
+        out = src @ (lower @ upper).T
+        if bias is not None and not self.subtract:
+            out = out + bias
+        return out, self.log_det_sign * packed.diagonal().sum()
+
+
+# ---------------------------------------------------------- leaky softplus
+def leaky_softplus(h: Tensor, alpha: float) -> Tensor:
+    """:math:`\\alpha h + (1 - \\alpha)\\,\\mathrm{softplus}(h)`, rounded as every caller rounds it.
+
+    (``h + (1 - alpha) softplus(-h)`` is the same number in exact arithmetic but
+    cancels for large negative ``h``, and a Newton inverse of one form does not
+    round-trip the other to float precision.)
+    """
+    return torch.add(alpha * h, F.softplus(h), alpha=1.0 - alpha)
+
+
+class LeakySoftplusKernel(Kernel):
+    r""":math:`\phi(u) = \alpha u + (1 - \alpha)\,\mathrm{softplus}(u)` and
+    :math:`\pm\sum_j \log\phi'(u_j)` (the sign ``-`` for a layer that is
+    :math:`\phi^{-1}` run backwards).
+
+    With :math:`s = \sigma(u)`: :math:`\phi' = \alpha + (1 - \alpha) s \in
+    (\alpha, 1)`, so its log is stable, and :math:`(\log\phi')' = (1 -
+    \alpha) s (1 - s) / \phi'`. No params. Cost O(N D).
+    """
+
+    def __init__(self, alpha: float, log_det_sign: float):
+        self.alpha = alpha
+        self.log_det_sign = log_det_sign
+
+    def forward(self, h, params):
+        s = torch.sigmoid(h)
+        slope = s * (1.0 - self.alpha) + self.alpha
+        out = leaky_softplus(h, self.alpha)
+        log_det = slope.log().sum(-1)
+        if self.log_det_sign < 0:
+            log_det = -log_det
+        return out, log_det, (s, slope)
+
+    def backward(self, saved, params, grad_out, grad_log_det, needs):
+        s, slope = saved
+        grad = None if grad_out is None else grad_out * slope
+        if grad_log_det is not None:
+            curvature = (s - s * s) * ((1.0 - self.alpha) * self.log_det_sign / slope)
+            term = curvature * grad_log_det.unsqueeze(-1)
+            grad = term if grad is None else grad + term
+        return grad, []
+
+    def reference(self, h, params):
+        out = leaky_softplus(h, self.alpha)
+        slope = torch.sigmoid(h) * (1.0 - self.alpha) + self.alpha
+        return out, self.log_det_sign * slope.log().sum(-1)
+
+
+# ------------------------------------------------------------------- runs
+def run_kernels(steps: Sequence[tuple[Kernel, Params]], h: Tensor) -> tuple[Tensor, Tensor]:
+    """``h`` through every ``(kernel, params)`` in turn, as one autograd node.
+
+    ``h`` is ``(N, D)``; returns the output rows and the summed log-det
+    (0-dim if every step's is, else ``(N,)``).
+    """
+    kernels = [kernel for kernel, _ in steps]
+    sizes = [len(params) for _, params in steps]
+    flat = [p for _, params in steps for p in params]
+    return _KernelRun.apply(kernels, sizes, h, *flat)
+
+
+def _split(flat: Sequence, sizes: Sequence[int]) -> list:
+    out, start = [], 0
+    for size in sizes:
+        out.append(tuple(flat[start : start + size]))
+        start += size
+    return out
+
+
+def _reference_run(kernels, sizes, h, flat):
+    total = None
+    for kernel, params in zip(kernels, _split(flat, sizes)):
+        h, log_det = kernel.reference(h, params)
+        total = log_det if total is None else total + log_det
+    return h, total
+
+
+def _reference_gradients(kernels, sizes, inputs, needs, grads):
+    """Gradients of the run by autograd on the reference ops, with a graph (double backward)."""
+    h, total = _reference_run(kernels, sizes, inputs[0], inputs[1:])
+    pairs = [(o, g) for o, g in ((h, grads[0]), (total, grads[1])) if g is not None]
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    got = iter(
+        torch.autograd.grad(
+            [o for o, _ in pairs], wanted, [g for _, g in pairs],
+            create_graph=True, allow_unused=True,
+        )
+    )  # fmt: skip
+    return [next(got) if need else None for need in needs]
+
+
+class _KernelRun(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernels, sizes, h, *flat):
+        ctx.set_materialize_grads(False)
+        # Inputs are saved version-checked: an in-place update before the
+        # backward pass raises instead of giving wrong gradients.
+        ctx.save_for_backward(h, *flat)
+        saved, total = [], None
+        for kernel, params in zip(kernels, _split(flat, sizes)):
+            h, log_det, keep = kernel.forward(h, params)
+            saved.append(keep)
+            total = log_det if total is None else total + log_det
+        ctx.kernels, ctx.sizes, ctx.intermediates = kernels, sizes, saved
+        return h, total
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_log_det):
+        inputs = ctx.saved_tensors
+        kernels, sizes = ctx.kernels, ctx.sizes
+        needs = ctx.needs_input_grad[2:]
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _reference_gradients(kernels, sizes, inputs, needs, (grad_out, grad_log_det))
+            return (None, None, *grads)
+        params_list = _split(inputs[1:], sizes)
+        needs_list = _split(needs[1:], sizes)
+        # Before the first step with a parameter that needs a gradient,
+        # grad_h is wanted only for the run's input.
+        first = next((i for i, n in enumerate(needs_list) if any(n)), len(kernels))
+        grads: list = [None] * (len(inputs) - 1)
+        offset = len(grads)
+        grad_h = grad_out
+        for i in reversed(range(len(kernels))):
+            offset -= sizes[i]
+            if i < first and not needs[0]:
+                break
+            grad_h, grad_params = kernels[i].backward(
+                ctx.intermediates[i], params_list[i], grad_h, grad_log_det, needs_list[i]
+            )
+            for j, grad in enumerate(grad_params):
+                if needs_list[i][j]:
+                    grads[offset + j] = grad
+        return (None, None, grad_h if needs[0] else None, *grads)
