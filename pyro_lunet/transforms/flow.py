@@ -239,16 +239,28 @@ def _apply_foreign(part: Transform, h: Tensor, inverse: bool) -> tuple[Tensor, T
     alone, stale after a parameter update; a flow calls ``_call`` /
     ``_inverse`` instead. Their ``log_abs_det_jacobian`` reuses what that
     call computed (a coupling's log-scale) when told that ``(x, y)`` is the
-    pair just computed, so the pair is set for that one query and cleared.
+    pair just computed, so the pair is set for that one query. Afterwards
+    the part keeps no tensor of this call: a graph held there would leak
+    a batch and make the flow impossible to deep-copy or pickle.
     """
     out = part._inverse(h) if inverse else part._call(h)
     x, y = (out, h) if inverse else (h, out)
     if getattr(part, "_cache_size", 0) == 1:
         part._cached_x_y = x, y
-        try:
-            log_det = part.log_abs_det_jacobian(x, y)
-        finally:
-            part._cached_x_y = None, None
-    else:
+    try:
         log_det = part.log_abs_det_jacobian(x, y)
+    finally:
+        _forget_intermediates(part)
     return out, log_det
+
+
+def _forget_intermediates(part: Transform) -> None:
+    """Drops the cached pairs and graph-carrying tensors a Pyro transform keeps after a call."""
+    modules = part.modules() if isinstance(part, torch.nn.Module) else (part,)
+    for module in modules:
+        state = vars(module)
+        if isinstance(state.get("_cached_x_y"), tuple):
+            state["_cached_x_y"] = None, None
+        for name, value in list(state.items()):
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                state[name] = None
