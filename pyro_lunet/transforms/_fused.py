@@ -165,6 +165,116 @@ class LeakySoftplusKernel(Kernel):
         return out, self.log_det_sign * slope.log().sum(-1)
 
 
+# -------------------------------------------------------- affine coupling
+class AffineCouplingKernel(Kernel):
+    r"""Pyro's :class:`~pyro.distributions.transforms.AffineCoupling` with a ReLU ``DenseNN``.
+
+    .. math::
+
+        y_{1:d} = x_{1:d}, \qquad y_{d+1:D} = e^{s} \odot x_{d+1:D} + m,
+        \qquad (m, s) = \mathrm{MLP}(x_{1:d}),
+
+    :math:`s` clamped to ``[lo, hi]`` with the gradient of the identity (as
+    Pyro does), :math:`\log|\det J| = \sum s`. Params: the network's
+    weights and biases, in order. ``inverse`` computes :math:`x` from
+    :math:`y`. Cost: the network's, O(N D) besides.
+    """
+
+    def __init__(self, split: int, clip: tuple[float, float], inverse: bool):
+        self.split, self.clip, self.inverse = split, clip, inverse
+
+    def forward(self, h, params):
+        first, second = h[:, : self.split], h[:, self.split :]
+        z, pre = first, []
+        for i in range(0, len(params), 2):
+            z = torch.addmm(params[i + 1], z, params[i].T)
+            pre.append(z)
+            if i + 2 < len(params):
+                z = torch.relu(z)
+        mean, log_scale = z.split(second.shape[1], dim=1)
+        log_scale = log_scale.clamp(*self.clip)
+        if self.inverse:
+            rest = (second - mean) * torch.exp(-log_scale)
+            keep = (first, pre, rest, torch.exp(-log_scale))
+        else:
+            scale = torch.exp(log_scale)
+            rest = torch.addcmul(mean, scale, second)
+            keep = (first, pre, second, scale)
+        return torch.cat((first, rest), dim=1), log_scale.sum(1), keep
+
+    def backward(self, saved, params, grad_out, grad_log_det, needs):
+        first, pre, other, factor = saved
+        width = other.shape[1]
+        if grad_out is None:
+            grad_first = None
+            grad_mean = other.new_zeros(other.shape)
+            grad_log_scale = grad_log_det.unsqueeze(1).expand_as(other)
+            grad_second = None
+        else:
+            grad_first, grad_rest = grad_out[:, : self.split], grad_out[:, self.split :]
+            if self.inverse:  # x2 = (y2 - m) e^-s, saved: other = x2, factor = e^-s
+                grad_second = grad_rest * factor
+                grad_mean = -grad_second
+                grad_log_scale = -grad_rest * other
+            else:  # y2 = e^s x2 + m, saved: other = x2, factor = e^s
+                grad_second = grad_rest * factor
+                grad_mean = grad_rest
+                grad_log_scale = grad_rest * other * factor
+            if grad_log_det is not None:
+                grad_log_scale = grad_log_scale + grad_log_det.unsqueeze(1)
+        grad_z = torch.cat((grad_mean, grad_log_scale), dim=1)
+        grads: list[Tensor | None] = [None] * len(params)
+        for i in reversed(range(0, len(params), 2)):
+            inputs = first if i == 0 else torch.relu(pre[i // 2 - 1])
+            if needs[i]:
+                grads[i] = grad_z.T @ inputs
+            if needs[i + 1]:
+                grads[i + 1] = grad_z.sum(0)
+            grad_in = grad_z @ params[i]
+            grad_z = grad_in * (pre[i // 2 - 1] > 0) if i else grad_in
+        grad_first = grad_z if grad_first is None else grad_first + grad_z
+        if grad_second is None:
+            grad_second = grad_first.new_zeros(first.shape[0], width)
+        return torch.cat((grad_first, grad_second), dim=1), grads
+
+    def reference(self, h, params):
+        first, second = h[:, : self.split], h[:, self.split :]
+        z = first
+        for i in range(0, len(params), 2):
+            z = torch.nn.functional.linear(z, params[i], params[i + 1])
+            if i + 2 < len(params):
+                z = torch.relu(z)
+        mean, raw = z.split(second.shape[1], dim=1)
+        log_scale = raw + (raw.clamp(*self.clip) - raw).detach()
+        if self.inverse:
+            rest = (second - mean) * torch.exp(-log_scale)
+        else:
+            rest = torch.exp(log_scale) * second + mean
+        return torch.cat((first, rest), dim=1), log_scale.sum(1)
+
+
+def affine_coupling_kernel(part, inverse: bool) -> tuple[Kernel, tuple] | None:
+    """The kernel of a Pyro ``AffineCoupling`` on vectors with a plain ReLU ``DenseNN``, or None."""
+    from pyro.nn import DenseNN
+
+    net = getattr(part, "nn", None)
+    if (
+        not torch.is_grad_enabled()
+        or type(net) is not DenseNN
+        or part.dim != -1
+        or type(net.f) is not torch.nn.ReLU
+        or len(net.param_dims) != 2
+        or net.param_dims[0] != net.param_dims[1]
+        or not all(
+            type(layer) is torch.nn.Linear and layer.bias is not None for layer in net.layers
+        )
+    ):
+        return None
+    params = tuple(t for layer in net.layers for t in (layer.weight, layer.bias))
+    clip = (part.log_scale_min_clip, part.log_scale_max_clip)
+    return AffineCouplingKernel(part.split_dim, clip, inverse), params
+
+
 # ------------------------------------------------------------------- runs
 def run_kernels(steps: Sequence[tuple[Kernel, Params]], h: Tensor) -> tuple[Tensor, Tensor]:
     """``h`` through every ``(kernel, params)`` in turn, as one autograd node.

@@ -5,13 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+from pyro.distributions.transforms import AffineCoupling
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
-from ._fused import run_kernels
+from ._fused import affine_coupling_kernel, run_kernels
 from .base import VersionedCacheModule, check_positive_int
 
 __all__ = ["Flow"]
+
+# Pyro's transforms a flow runs as kernels too (exact types: a subclass may change the math).
+_FOREIGN_KERNELS = {AffineCoupling: affine_coupling_kernel}
 
 
 class Flow(VersionedCacheModule):
@@ -177,7 +181,7 @@ class Flow(VersionedCacheModule):
                 total = log_det if total is None else total + log_det
 
         for part in reversed(self._parts) if inverse else self._parts:
-            kernel = part._kernel(inverse) if hasattr(part, "_kernel") else None
+            kernel = _kernel_of(part, inverse)
             if kernel is not None:
                 kernels.append(kernel)
                 continue
@@ -224,6 +228,15 @@ def _sum_event(log_det: Tensor, batch_dims: int) -> Tensor:
     """``log_det`` summed over its dims after the first ``batch_dims``."""
     extra = log_det.dim() - batch_dims
     return log_det.sum(tuple(range(-extra, 0))) if extra > 0 else log_det
+
+
+def _kernel_of(part: Transform, inverse: bool) -> tuple | None:
+    """The part's kernel for this direction (see ``_fused.py``), or ``None``."""
+    own = getattr(part, "_kernel", None)
+    if own is not None:
+        return own(inverse)
+    adapter = _FOREIGN_KERNELS.get(type(part))
+    return adapter(part, inverse) if adapter is not None else None
 
 
 def _run_kernels(kernels: list, h: Tensor) -> tuple[Tensor, Tensor]:
