@@ -53,6 +53,18 @@ class Kernel:
 
 
 # ------------------------------------------------------------------- LU
+_MASKS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _strict_lower_mask(like: Tensor) -> Tensor:
+    """A boolean ``(D, D)`` mask of the entries below the diagonal, on ``like``'s device."""
+    key = (like.shape[0], like.device)
+    mask = _MASKS.get(key)
+    if mask is None:
+        mask = _MASKS[key] = torch.ones(key[0], key[0], dtype=torch.bool, device=key[1]).tril(-1)
+    return mask
+
+
 class LUKernel(Kernel):
     r"""Rows of :math:`(h - s)(LU)^T + a` and :math:`\pm\sum_i d_i`.
 
@@ -69,31 +81,31 @@ class LUKernel(Kernel):
 
     def forward(self, h, params):
         packed, sign, bias = params
-        lower = packed.tril(-1)
-        lower.diagonal().fill_(1.0)
-        upper = packed.triu(1)
-        upper.diagonal().copy_(sign * packed.diagonal().exp())
-        weight = lower @ upper
+        log_diag = packed.diagonal()
+        diag = log_diag.exp() * sign
+        upper = torch.diagonal_scatter(packed.triu(1), diag)
+        strict_lower = packed.tril(-1)
+        weight = torch.addmm(upper, strict_lower, upper)  # (I + L') U
         src = h - bias if (self.subtract and bias is not None) else h
         added = bias is not None and not self.subtract
-        out = torch.addmm(bias, src, weight.T) if added else src @ weight.T
-        log_det = packed.diagonal().sum() * self.log_det_sign
-        return out, log_det, (src, lower, upper, weight)
+        out = torch.addmm(bias, src, weight.t()) if added else src @ weight.t()
+        log_det = log_diag.sum() if self.log_det_sign > 0 else -log_diag.sum()
+        return out, log_det, (src, strict_lower, upper, weight, diag)
 
     def backward(self, saved, params, grad_out, grad_log_det, needs):
-        src, lower, upper, weight = saved
+        src, strict_lower, upper, weight, diag = saved
         packed, _, bias = params
         grad_h = grad_packed = grad_bias = None
         if grad_out is not None:
             grad_src = grad_out @ weight
             grad_h = grad_src
             if needs[0]:
-                grad_weight = grad_out.T @ src
-                grad_lower = grad_weight @ upper.T
-                grad_upper = lower.T @ grad_weight
-                grad_packed = grad_lower.tril(-1) + grad_upper.triu(1)
-                # d U_ii / d d_i = U_ii
-                grad_packed.diagonal().copy_(grad_upper.diagonal() * upper.diagonal())
+                grad_weight = torch.mm(grad_out.t(), src)
+                # W = (I + L') U: dL' = dW U^T below the diagonal, dU = dW + L'^T dW on and above
+                grad_lower = torch.mm(grad_weight, upper.t())
+                grad_upper = torch.addmm(grad_weight, strict_lower.t(), grad_weight)
+                grad_packed = torch.where(_strict_lower_mask(packed), grad_lower, grad_upper)
+                grad_packed.diagonal().mul_(diag)  # d U_ii / d d_i = U_ii
             if needs[2]:
                 grad_bias = -grad_src.sum(0) if self.subtract else grad_out.sum(0)
         if grad_log_det is not None and needs[0]:
@@ -101,7 +113,7 @@ class LUKernel(Kernel):
                 grad_log_det = grad_log_det.sum()
             if grad_packed is None:
                 grad_packed = torch.zeros_like(packed)
-            grad_packed.diagonal().add_(grad_log_det * self.log_det_sign)
+            grad_packed.diagonal().add_(grad_log_det if self.log_det_sign > 0 else -grad_log_det)
         return grad_h, [grad_packed, None, grad_bias]
 
     def reference(self, h, params):
@@ -143,7 +155,7 @@ class LeakySoftplusKernel(Kernel):
 
     def forward(self, h, params):
         s = torch.sigmoid(h)
-        slope = s * (1.0 - self.alpha) + self.alpha
+        slope = s.mul(1.0 - self.alpha).add_(self.alpha)
         out = leaky_softplus(h, self.alpha)
         log_det = slope.log().sum(-1)
         if self.log_det_sign < 0:
@@ -154,9 +166,13 @@ class LeakySoftplusKernel(Kernel):
         s, slope = saved
         grad = None if grad_out is None else grad_out * slope
         if grad_log_det is not None:
-            curvature = (s - s * s) * ((1.0 - self.alpha) * self.log_det_sign / slope)
-            term = curvature * grad_log_det.unsqueeze(-1)
-            grad = term if grad is None else grad + term
+            # (log phi')' = (1 - alpha) s (1 - s) / phi'
+            curvature = s.mul(1.0 - s).div_(slope)
+            weight = (1.0 - self.alpha) * self.log_det_sign
+            if grad is None:
+                grad = curvature.mul_(grad_log_det.unsqueeze(-1)).mul_(weight)
+            else:
+                grad = grad.addcmul_(curvature, grad_log_det.unsqueeze(-1), value=weight)
         return grad, []
 
     def reference(self, h, params):
@@ -185,25 +201,25 @@ class AffineCouplingKernel(Kernel):
 
     def forward(self, h, params):
         first, second = h[:, : self.split], h[:, self.split :]
-        z, pre = first, []
+        z, hidden = first, []  # hidden: each ReLU's output, the next layer's input
         for i in range(0, len(params), 2):
-            z = torch.addmm(params[i + 1], z, params[i].T)
-            pre.append(z)
+            z = torch.addmm(params[i + 1], z, params[i].t())
             if i + 2 < len(params):
-                z = torch.relu(z)
+                z = torch.relu_(z)
+                hidden.append(z)
         mean, log_scale = z.split(second.shape[1], dim=1)
         log_scale = log_scale.clamp(*self.clip)
         if self.inverse:
             rest = (second - mean) * torch.exp(-log_scale)
-            keep = (first, pre, rest, torch.exp(-log_scale))
+            keep = (first, hidden, rest, torch.exp(-log_scale))
         else:
             scale = torch.exp(log_scale)
             rest = torch.addcmul(mean, scale, second)
-            keep = (first, pre, second, scale)
+            keep = (first, hidden, second, scale)
         return torch.cat((first, rest), dim=1), log_scale.sum(1), keep
 
     def backward(self, saved, params, grad_out, grad_log_det, needs):
-        first, pre, other, factor = saved
+        first, hidden, other, factor = saved
         width = other.shape[1]
         if grad_out is None:
             grad_first = None
@@ -225,13 +241,14 @@ class AffineCouplingKernel(Kernel):
         grad_z = torch.cat((grad_mean, grad_log_scale), dim=1)
         grads: list[Tensor | None] = [None] * len(params)
         for i in reversed(range(0, len(params), 2)):
-            inputs = first if i == 0 else torch.relu(pre[i // 2 - 1])
+            inputs = hidden[i // 2 - 1] if i else first
             if needs[i]:
-                grads[i] = grad_z.T @ inputs
+                grads[i] = torch.mm(grad_z.t(), inputs)
             if needs[i + 1]:
                 grads[i + 1] = grad_z.sum(0)
-            grad_in = grad_z @ params[i]
-            grad_z = grad_in * (pre[i // 2 - 1] > 0) if i else grad_in
+            grad_z = grad_z @ params[i]
+            if i:  # through the ReLU that made this layer's input
+                grad_z = torch.ops.aten.threshold_backward(grad_z, inputs, 0.0)
         grad_first = grad_z if grad_first is None else grad_first + grad_z
         if grad_second is None:
             grad_second = grad_first.new_zeros(first.shape[0], width)
