@@ -13,7 +13,7 @@ from pyro.distributions.transforms import AffineTransform, affine_coupling, spli
 
 import pyro_lunet
 from pyro_lunet import Flow, activation_flow, coupling_flow, leaky_softplus, lu_linear, lu_net
-from pyro_lunet.transforms._fused import LeakySoftplusKernel, LUKernel, run_kernels
+from pyro_lunet.transforms._fused import LeakySoftplusKernel, LUKernel, RankOneKernel, run_kernels
 
 FAMILIES = pyro_lunet.families()
 
@@ -227,3 +227,32 @@ def test_affine_coupling_kernel_matches_pyros_own_gradients(inverse):
     second = torch.autograd.grad(gx.square().sum(), params[0])
     second_ref = torch.autograd.grad(gx_ref.square().sum(), params[0])
     torch.testing.assert_close(second, second_ref)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_rank_one_kernel_gradcheck_and_gradgradcheck(bias):
+    torch.manual_seed(8)
+    dim = 4
+    a = torch.randn(dim, dim, dtype=torch.float64) + 3 * torch.eye(dim, dtype=torch.float64)
+    a_inv = torch.linalg.inv(a)
+    log_abs_det_a = torch.linalg.slogdet(a)[1]
+    u = (0.3 * torch.randn(dim, dtype=torch.float64)).requires_grad_()
+    v = torch.randn(dim, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(dim, dtype=torch.float64, requires_grad=True) if bias else None
+    x = torch.randn(3, dim, dtype=torch.float64, requires_grad=True)
+
+    def run(x, u, v, *rest):
+        params = (a, a_inv, log_abs_det_a, u, v, rest[0] if rest else None)
+        steps = [(RankOneKernel(), params), (LeakySoftplusKernel(0.2, 1.0), ())]
+        return run_kernels(steps, x)
+
+    inputs = (x, u, v) + ((b,) if bias else ())
+    assert torch.autograd.gradcheck(run, inputs)
+    assert torch.autograd.gradgradcheck(run, inputs)
+    out, log_det = run(*inputs)
+    dense = a + torch.outer(u, v)
+    torch.testing.assert_close(
+        log_det,
+        torch.linalg.slogdet(dense)[1]
+        + LeakySoftplusKernel(0.2, 1.0).reference(x @ dense.T + (b if bias else 0), ())[1],
+    )

@@ -181,6 +181,52 @@ class LeakySoftplusKernel(Kernel):
         return out, self.log_det_sign * slope.log().sum(-1)
 
 
+# -------------------------------------------------------------- rank one
+class RankOneKernel(Kernel):
+    r"""Rows of :math:`x (A + u v^\top)^\top + b` and
+    :math:`\log|\det A| + \log|1 + v^\top A^{-1} u|`.
+
+    Params ``(A, A_inv, log_abs_det_A, u, v, bias)``; the first three are
+    frozen buffers. Cost :math:`O(N D^2)` for the product, :math:`O(D^2)` for
+    the log-determinant.
+    """
+
+    def forward(self, h, params):
+        a, a_inv, log_abs_det_a, u, v, bias = params
+        projection = h @ v
+        out = h @ a.t() if bias is None else torch.addmm(bias, h, a.t())
+        out.addr_(projection, u)
+        w = a_inv @ u
+        delta = torch.dot(v, w) + 1.0
+        return out, log_abs_det_a + delta.abs().log(), (h, projection, w, delta)
+
+    def backward(self, saved, params, grad_out, grad_log_det, needs):
+        h, projection, w, delta = saved
+        a, a_inv, _, u, v, bias = params
+        grad_h = grad_u = grad_v = grad_bias = None
+        if grad_out is not None:
+            along_u = grad_out @ u
+            grad_h = torch.addr(grad_out @ a, along_u, v)
+            grad_u = grad_out.t() @ projection if needs[3] else None
+            grad_v = h.t() @ along_u if needs[4] else None
+            grad_bias = grad_out.sum(0) if needs[5] else None
+        if grad_log_det is not None:
+            g = (grad_log_det.sum() if grad_log_det.dim() else grad_log_det) / delta
+            if needs[3]:  # d log|delta| / du = A^-T v / delta
+                term = (a_inv.t() @ v) * g
+                grad_u = term if grad_u is None else grad_u + term
+            if needs[4]:  # d log|delta| / dv = A^-1 u / delta
+                grad_v = w * g if grad_v is None else grad_v + w * g
+        return grad_h, [None, None, None, grad_u, grad_v, grad_bias]
+
+    def reference(self, h, params):
+        a, a_inv, log_abs_det_a, u, v, bias = params
+        out = h @ (a + torch.outer(u, v)).t()
+        if bias is not None:
+            out = out + bias
+        return out, log_abs_det_a + (1.0 + v @ (a_inv @ u)).abs().log()
+
+
 # -------------------------------------------------------- affine coupling
 class AffineCouplingKernel(Kernel):
     r"""Pyro's :class:`~pyro.distributions.transforms.AffineCoupling` with a ReLU ``DenseNN``.
