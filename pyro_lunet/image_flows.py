@@ -270,7 +270,9 @@ class ConvAffineCoupling(ImageTransformModule):
 
     def _scale_shift(self, a: Tensor) -> tuple[Tensor, Tensor]:
         *batch, c, h, w = a.shape
-        out = self.net(a.reshape(-1, c, h, w)).reshape(*batch, -1, h, w)
+        out = self.net(a.reshape(-1, c, h, w)).reshape(
+            *batch, 2 * (self.channels - self.split), h, w
+        )
         raw, shift = out.chunk(2, dim=-3)
         bound = self.scale_bound
         return bound * torch.tanh(raw / bound), shift
@@ -354,14 +356,14 @@ class MultiscaleLevel(ImageTransformModule):
 
     def _run(self, x: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
         batch = x.shape[:-3]
-        flat = x.reshape(*batch, -1)
+        flat = x.flatten(-3)
         part = flat.index_select(-1, self.index).reshape(*batch, *self.active_shape)
         ldj = x.new_zeros(batch)
         for step in self.steps if forward else reversed(self.steps):
             part, term = step._forward_ldj(part) if forward else step._inverse_ldj(part)
             ldj = ldj + term
         out = flat.clone()
-        out[..., self.index] = part.reshape(*batch, -1)
+        out[..., self.index] = part.flatten(-3)
         return out.reshape(x.shape), ldj
 
     def _forward_ldj(self, x: Tensor) -> tuple[Tensor, Tensor]:

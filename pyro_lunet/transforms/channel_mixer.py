@@ -193,7 +193,7 @@ class _LinearImage(ImageTransformModule):
         """How many times the layer's log-determinant counts per event."""
         raise NotImplementedError
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    def _apply_rows(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         ldj = (self._pixels(x) * self.layer._log_abs_det()).expand(x.shape[:-3])
         return self._rows(fn, x), ldj
 
@@ -213,10 +213,10 @@ class _LinearImage(ImageTransformModule):
         return self._rows(self.layer._inverse_affine_rows, y)
 
     def _forward_ldj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(self.layer._affine_rows, x)
+        return self._apply_rows(self.layer._affine_rows, x)
 
     def _inverse_ldj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(self.layer._inverse_affine_rows, y)
+        return self._apply_rows(self.layer._inverse_affine_rows, y)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         # Constant Jacobian: no forward pass needed, whatever the pair.
