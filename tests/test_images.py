@@ -423,3 +423,27 @@ def test_unit_interval_log_det_is_counted():
     (grad,) = torch.autograd.grad(u.sum(), v)
     torch.testing.assert_close(t.log_abs_det_jacobian(v, u), grad.log())
     torch.testing.assert_close(t.inv(u), v)
+
+
+def test_log_prob_runs_each_network_once():
+    flow = image_flow((1, 8, 8), num_levels=2, steps_per_level=2, layer="lu", hidden_channels=4)
+    model = dist.TransformedDistribution(dist.Normal(torch.zeros(1, 8, 8), 1.0).to_event(3), flow)
+    x = torch.randn(6, 1, 8, 8)
+    model.log_prob(x)  # initializes the actnorms (their first call recomputes once)
+    calls = []
+    couplings = [m for m in flow.modules() if isinstance(m, ConvAffineCoupling)]
+    for m in couplings:
+        m.net.register_forward_hook(lambda *args: calls.append(1))
+    model.log_prob(x.clone()).sum().backward()
+    assert len(calls) == len(couplings) == 5
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+
+    # (the package's ``channel_mixer`` attribute is the factory, not the module)
+    for name in ("pyro_lunet.image_flows", "pyro_lunet.transforms.channel_mixer"):
+        module = importlib.import_module(name)
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0
