@@ -158,7 +158,7 @@ class ActNorm(ImageTransformModule):
 
     # ``initialized`` flips once, in the call that initializes: the call's result
     # already uses the new values, so it must not invalidate that pair.
-    _unkeyed_buffers = ("initialized",)
+    _own_unkeyed_buffers = ("initialized",)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -425,8 +425,11 @@ def test_unit_interval_log_det_is_counted():
     torch.testing.assert_close(t.inv(u), v)
 
 
-def test_log_prob_runs_each_network_once():
-    flow = image_flow((1, 8, 8), num_levels=2, steps_per_level=2, layer="lu", hidden_channels=4)
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_log_prob_runs_each_network_once(fam):
+    # A chain's log-det reuses each level's cached pair; a miss would rerun the
+    # sampling direction (SNF's approximate side in training mode).
+    flow = image_flow((1, 8, 8), num_levels=2, steps_per_level=2, layer=fam, hidden_channels=4)
     model = dist.TransformedDistribution(dist.Normal(torch.zeros(1, 8, 8), 1.0).to_event(3), flow)
     x = torch.randn(6, 1, 8, 8)
     model.log_prob(x)  # initializes the actnorms (their first call recomputes once)
@@ -447,3 +450,25 @@ def test_docstring_examples():
         module = importlib.import_module(name)
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0
+
+
+def test_snf_image_flow_training_log_prob_matches_eval():
+    # density role: scoring is W exactly; only the tracked log-det differs from eval's
+    data = dequantize(_digits(128), 17, generator=torch.Generator().manual_seed(2))
+    flow = image_flow(
+        (1, 8, 8), num_levels=2, steps_per_level=1, layer="self_normalizing", hidden_channels=8
+    )
+    model = _density(flow)
+    opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
+    for _ in range(40):
+        opt.zero_grad()
+        (-model.log_prob(data).mean()).backward()
+        opt.step()
+    with torch.no_grad():
+        train_mode = model.log_prob(data)
+        flow.eval()
+        eval_mode = model.log_prob(data)
+    torch.testing.assert_close(train_mode, eval_mode, rtol=0, atol=0.5)
+    layers = [m for m in flow.modules() if isinstance(m, pyro_lunet.SelfNormalizingLinear)]
+    for layer in layers:
+        assert (layer.R @ layer.W - torch.eye(layer.input_dim)).abs().max() < 0.1

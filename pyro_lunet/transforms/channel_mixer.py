@@ -64,6 +64,31 @@ class ImageTransformModule(VersionedCacheModule):
     def __init__(self, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
         self._ldj: tuple | None = None
+        self._unkeyed_names: tuple[str, ...] | None = None
+
+    #: This class's own bookkeeping buffers (left out of the cache key).
+    _own_unkeyed_buffers: tuple[str, ...] = ()
+
+    @property
+    def _unkeyed_buffers(self) -> tuple[str, ...]:
+        # The own ones and, under their prefixes, every nested layer's: a
+        # self-normalizing layer updates its tracking buffers inside a call,
+        # and a key that saw them would miss the pair that call cached (a
+        # chain's log-det would then rerun the sampling direction, which is
+        # that family's approximate side in training mode).
+        if self._unkeyed_names is None:
+            names = list(self._own_unkeyed_buffers)
+            for prefix, module in self.named_modules():
+                if module is self or not isinstance(module, VersionedCacheModule):
+                    continue
+                own = (
+                    module._own_unkeyed_buffers
+                    if isinstance(module, ImageTransformModule)
+                    else module._unkeyed_buffers
+                )
+                names.extend(f"{prefix}.{name}" for name in own)
+            self._unkeyed_names = tuple(names)
+        return self._unkeyed_names
 
     # ------------------------------------------------------------------ hooks
     def _forward_ldj(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -177,8 +202,6 @@ class _LinearImage(ImageTransformModule):
     def __init__(self, layer: InvertibleLinear, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
         self.layer = layer
-        # The layer's bookkeeping buffers stay out of this module's cache key too.
-        self._unkeyed_buffers = tuple(f"layer.{name}" for name in layer._unkeyed_buffers)
 
     def _cache_extras(self) -> tuple:
         return (self.layer.role, *self.layer._cache_extras())
