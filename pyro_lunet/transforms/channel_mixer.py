@@ -278,10 +278,16 @@ class ChannelMixer(_LinearImage):
     ``_inverse``, hence ``role="density"`` in :func:`channel_mixer`.
 
     Implementation: the image is moved to channels-last and reshaped to
-    ``(B H W, C)`` rows, the layer's row kernel runs once on all of them, and
-    the result is moved back (two copies of the image; on CPU these cost
-    less than a ``conv2d`` with the assembled dense :math:`W` for the
-    structured families, see ``benchmarks/bench_images.py``).
+    ``(B H W, C)`` rows (one copy), the layer's row kernel runs once on all
+    of them, and the result is handed back as a channels-first view. Measured
+    against one ``conv2d`` with the already assembled dense :math:`W` (the
+    best case for a convolution: no assembly, no gradient through it;
+    ``benchmarks/bench_images.py``, 1 CPU thread, 512 pixel rows): at
+    :math:`C = 96` the convolution's single GEMM was 2-3x faster than the
+    row path, at :math:`C = 512` the dense families tie with it and the
+    butterfly and circulant rows beat it; assembling :math:`W` costs
+    up to :math:`O(C^3)` per parameter value, so the row path is the one
+    implemented.
 
     Cost for a batch of B images: the family's cost for ``B H W`` rows of
     dimension C (e.g. LU :math:`O(B H W C^2)`, butterfly and circulant
