@@ -472,3 +472,21 @@ def test_snf_image_flow_training_log_prob_matches_eval():
     layers = [m for m in flow.modules() if isinstance(m, pyro_lunet.SelfNormalizingLinear)]
     for layer in layers:
         assert (layer.R @ layer.W - torch.eye(layer.input_dim)).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("fam", ["lu", "self_normalizing", "rank_one"])
+def test_used_image_flow_pickles_and_deep_copies(fam):
+    import copy
+    import pickle
+
+    flow = image_flow((1, 4, 4), num_levels=1, steps_per_level=2, layer=fam, hidden_channels=4)
+    model = dist.TransformedDistribution(dist.Normal(torch.zeros(1, 4, 4), 1.0).to_event(3), flow)
+    x = torch.randn(8, 1, 4, 4)
+    model.log_prob(x).sum().backward()  # caches now hold graphs
+    flow.eval()
+    with torch.no_grad():
+        expected = model.log_prob(x.clone())
+    for clone in (copy.deepcopy(flow), pickle.loads(pickle.dumps(flow))):
+        other = dist.TransformedDistribution(model.base_dist, clone)
+        with torch.no_grad():
+            torch.testing.assert_close(other.log_prob(x.clone()), expected)
