@@ -107,6 +107,12 @@ class ImageTransformModule(VersionedCacheModule):
             if isinstance(module, InvertibleLinear):
                 module._before_use()
 
+    def _apply_with_log_det(self, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """One step inside a fused chain (a ``Flow``): checked, uncached, with the
+        sampling direction's log-det; the chain calls ``_before_use`` first."""
+        self._check_input(h)
+        return self._inverse_ldj(h) if inverse else self._forward_ldj(h)
+
     # -------------------------------------------------------------- transform
     def _call(self, x: Tensor) -> Tensor:
         self._check_input(x)
