@@ -3,6 +3,7 @@
 from . import datasets as datasets
 from .diagnostics import PSISDiagnostic, khat_reading, psis_khat, to_inference_data
 from .flows import LAYERS, activation_flow, coupling_flow, layer_factory
+from .image_flows import ActNorm, ConvAffineCoupling, bits_per_dim, image_flow
 from .rank_one_scheduler import RankOneScheduler
 from .training import (
     FitResult,
@@ -19,6 +20,8 @@ from .transforms import __all__ as _transforms_all
 __version__ = "0.1.0"
 __all__ = [
     *_transforms_all,
+    "ActNorm",
+    "ConvAffineCoupling",
     "FitResult",
     "LAYERS",
     "Maintenance",
@@ -26,8 +29,10 @@ __all__ = [
     "PenalizedELBO",
     "RankOneScheduler",
     "activation_flow",
+    "bits_per_dim",
     "coupling_flow",
     "fit_density",
+    "image_flow",
     "khat_reading",
     "layer_factory",
     "penalty",
