@@ -416,9 +416,7 @@ conditional_lu_linear = _family_factory("lu", "lu_linear")
 conditional_butterfly_linear = _family_factory("butterfly", "butterfly_linear")
 conditional_circulant_diagonal_linear = _family_factory("circulant", "circulant_diagonal_linear")
 conditional_rank_one_updated_linear = _family_factory("rank_one", "rank_one_updated_linear")
-conditional_self_normalizing_linear = _family_factory(
-    "self_normalizing", "self_normalizing_linear"
-)
+conditional_self_normalizing_linear = _family_factory("self_normalizing", "self_normalizing_linear")
 
 
 class ConditionalFlow(ConditionalComposeTransformModule):
@@ -447,7 +445,7 @@ def conditional_flow(
     layer_kwargs: dict | None = None,
     coupling_kwargs: dict | None = None,
 ) -> ConditionalFlow:
-    r"""A conditional flow: ``num_blocks`` x [conditional mixer, conditional coupling], then a mixer.
+    r"""A conditional flow: ``num_blocks`` x [conditional mixer, coupling], then a mixer.
 
     .. math::
 
