@@ -89,6 +89,21 @@ def _context_net(context_dim: int, hidden_dims: list[int], out_dim: int) -> torc
     return torch.nn.Sequential(*layers)
 
 
+def _broadcast(*shapes: Sequence[int]) -> torch.Size:
+    """The broadcast of ``shapes`` (``torch.broadcast_shapes``'s rule, in plain Python:
+    this runs on every call of a conditioned layer, where torch's version costs more
+    than the layer). Raises ``RuntimeError`` for shapes that do not broadcast."""
+    ndim = max(len(shape) for shape in shapes)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, ndim - len(shape)):
+            if size != 1:
+                if out[i] not in (1, size):
+                    raise RuntimeError(f"shapes {shapes} do not broadcast")
+                out[i] = size
+    return torch.Size(out)
+
+
 class ConditionalStructuredLinear(ConditionalTransformModule):
     r"""A family's structured layer with a context-dependent scale and shift.
 
@@ -306,7 +321,7 @@ class ConditionedStructuredLinear(VersionedCacheModule):
         if x.device != ref.device:
             raise ValueError(f"{name} expects device {ref.device}, got {x.device}")
         try:
-            torch.broadcast_shapes(x.shape[:-1], self._context_batch)
+            _broadcast(x.shape[:-1], self._context_batch)
         except RuntimeError:
             raise ValueError(
                 f"{name} expects inputs whose batch shape broadcasts with the context's "
@@ -329,15 +344,15 @@ class ConditionedStructuredLinear(VersionedCacheModule):
         """:math:`\\log|\\det W| + \\sum_i s_i(c)`, of shape ``broadcast(x, y, context)[:-1]``."""
         self._before_use()
         s, _ = self._scale_shift()
-        shape = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1], self._context_batch)
+        shape = _broadcast(x.shape[:-1], y.shape[:-1], self._context_batch)
         value = self.conditional.linear._log_abs_det() + s.sum(-1)
         return value.expand(shape)
 
     def forward_shape(self, shape: torch.Size) -> torch.Size:
-        return torch.broadcast_shapes(shape, (*self._context_batch, self.input_dim))
+        return _broadcast(shape, (*self._context_batch, self.input_dim))
 
     def inverse_shape(self, shape: torch.Size) -> torch.Size:
-        return torch.broadcast_shapes(shape, (*self._context_batch, self.input_dim))
+        return _broadcast(shape, (*self._context_batch, self.input_dim))
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, context_shape={tuple(self.context.shape)}"
