@@ -52,6 +52,43 @@ from .transforms.base import Role, check_input_dim, check_positive_int
 __all__ = ["PyroLazyTransform", "StructuredLinearTransform", "to_zuko"]
 
 
+class _EventView(Transform):
+    """A transform seen by zuko: the same map, with shape maps on event shapes only.
+
+    A conditioned pyro-lunet layer broadcasts its context's batch shape in
+    ``forward_shape`` (so that Pyro's ``TransformedDistribution`` gets the
+    batch shape of a batch of contexts); zuko passes event shapes alone there
+    and expands its base to the context's batch itself.
+    """
+
+    bijective = True
+
+    def __init__(self, transform: Transform):
+        super().__init__(cache_size=0)
+        self.transform = transform
+        self.domain = transform.domain
+        self.codomain = transform.codomain
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.transform(x)
+
+    @property
+    def inv(self) -> Transform:
+        return _EventView(self.transform.inv)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.transform.log_abs_det_jacobian(x, y)
+
+    def forward_shape(self, shape: torch.Size) -> torch.Size:
+        return torch.Size(shape)
+
+    def inverse_shape(self, shape: torch.Size) -> torch.Size:
+        return torch.Size(shape)
+
+    def __repr__(self) -> str:
+        return f"{type(self.transform).__name__}({self.transform})"
+
+
 class PyroLazyTransform(LazyTransform):
     r"""A Pyro transform module, conditional or not, as a zuko lazy transform.
 
@@ -105,7 +142,7 @@ class PyroLazyTransform(LazyTransform):
                 f"{type(self.transform).__name__} is conditional: expected a context tensor, "
                 "got None"
             )
-        return self.transform.condition(c).inv
+        return _EventView(self.transform.condition(c).inv)
 
 
 def to_zuko(transform: TransformModule | ConditionalTransform) -> PyroLazyTransform:

@@ -58,7 +58,9 @@ def test_jacobian_and_log_det_match_autograd(family, role, one_thread):
         )
         torch.testing.assert_close(jac, dense[i], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(log_det[i], torch.linalg.slogdet(jac)[1], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(y, (dense @ x.unsqueeze(-1)).squeeze(-1) + s.exp() * _bias(layer) + t)
+    torch.testing.assert_close(
+        y, (dense @ x.unsqueeze(-1)).squeeze(-1) + s.exp() * _bias(layer) + t
+    )
 
 
 def _bias(layer):
@@ -187,6 +189,18 @@ def test_no_stale_results_after_an_optimizer_step(one_thread):
     torch.testing.assert_close(
         transform.log_abs_det_jacobian(x, y2), fresh.log_abs_det_jacobian(x, y2)
     )
+    # Without a backward pass in between: an in-place write to the context network.
+    with torch.no_grad():
+        y3 = transform(x)
+        layer.context_net[-1].bias.add_(0.5)
+        y4 = transform(x)
+        assert not torch.allclose(y3, y4)
+        torch.testing.assert_close(y4, layer.condition(transform.context).with_cache(0)(x))
+        x5 = torch.randn(4, D)
+        torch.testing.assert_close(
+            transform.log_abs_det_jacobian(x5, transform(x5)),
+            layer.condition(transform.context).log_abs_det_jacobian(x5, x5),
+        )
 
 
 def test_dtype_and_module_moves(one_thread):
