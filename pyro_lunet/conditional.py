@@ -45,6 +45,7 @@ from pyro.distributions.transforms import (
 from torch import Tensor
 from torch.distributions import constraints
 
+from .fingerprint import parameter_fingerprint
 from .transforms.base import (
     InvertibleLinear,
     Role,
@@ -265,13 +266,20 @@ class ConditionedStructuredLinear(VersionedCacheModule):
 
     def __init__(self, conditional: ConditionalStructuredLinear, context: Tensor):
         super().__init__(cache_size=1)
-        self.conditional = conditional
+        # The conditional module is held, not registered: this transform owns no
+        # parameters of its own (it is made anew for every context), and its cache
+        # key fingerprints the conditional module's tensors, listed once here
+        # rather than by walking the module tree on every call.
+        object.__setattr__(self, "conditional", conditional)
         self.context = context
         self.input_dim = conditional.input_dim
         self._context_batch = context.shape[:-1]
-        self._unkeyed_buffers = tuple(
-            f"conditional.linear.{name}" for name in conditional.linear._unkeyed_buffers
-        )
+        linear = conditional.linear
+        skip = set(linear._unkeyed_buffers)
+        self._tensors = [
+            *conditional.parameters(),
+            *(b for name, b in linear.named_buffers() if name not in skip),
+        ]
         self._stash: tuple | None = None
 
     def _cache_extras(self) -> tuple:
@@ -281,6 +289,7 @@ class ConditionedStructuredLinear(VersionedCacheModule):
             self.conditional.context_net.training,
             self.context._version,
             *linear._cache_extras(),
+            *parameter_fingerprint(self._tensors, requires_grad=True),
         )
 
     def _before_use(self) -> None:
