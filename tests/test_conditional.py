@@ -354,3 +354,31 @@ def test_exports_and_doctests():
         assert name in pyro_lunet.__all__
     failures, tried = doctest.testmod(conditional_module, verbose=False)
     assert tried > 0 and failures == 0
+
+
+@pytest.mark.parametrize("family", families())
+def test_empty_batches_and_float32(family, one_thread):
+    torch.manual_seed(2)
+    layer = conditional_linear(D, C, layer=family)
+    _randomize(layer, scale=0.1)
+    layer.eval()
+    transform = layer.condition(torch.randn(0, C))
+    y = transform(torch.randn(0, D))
+    assert y.shape == (0, D) and transform.log_abs_det_jacobian(y, y).shape == (0,)
+    contexts, x = torch.randn(16, C), torch.randn(16, D)
+    y = layer.condition(contexts)(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(layer.condition(contexts).inv(y), x, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_reach_a_computed_context(one_thread):
+    """An encoder's output as the context (amortization through a learned summary)."""
+    torch.manual_seed(3)
+    encoder = torch.nn.Linear(5, C)
+    layer = _make("circulant", "density", dtype=torch.float32)
+    context = encoder(torch.randn(8, 5))
+    transform = layer.condition(context)
+    x = torch.randn(8, D)
+    y = transform(x)
+    (y.square().sum() + transform.log_abs_det_jacobian(x, y).sum()).backward()
+    assert encoder.weight.grad is not None and encoder.weight.grad.abs().sum() > 0
