@@ -382,3 +382,19 @@ def test_gradients_reach_a_computed_context(one_thread):
     y = transform(x)
     (y.square().sum() + transform.log_abs_det_jacobian(x, y).sum()).backward()
     assert encoder.weight.grad is not None and encoder.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", families())
+def test_a_guide_scores_its_own_samples_exactly_in_training_mode(family, one_thread):
+    """log q of a fresh sample reuses the sampled pair (SNF's guide-role inverse is R)."""
+    torch.manual_seed(4)
+    flow = conditional_flow(D, C, num_blocks=1, layer=family, role="guide")
+    for part in flow.transforms:
+        _randomize(part, scale=0.05)
+    base = dist.Normal(torch.zeros(D), 1.0).to_event(1)
+    transform = flow.condition(torch.randn(6, C))
+    eps = base.sample(torch.Size([6]))
+    z = transform(eps)
+    log_q = dist.TransformedDistribution(base, [transform]).log_prob(z)
+    expected = base.log_prob(eps) - transform.log_abs_det_jacobian(eps, z)
+    torch.testing.assert_close(log_q, expected)
