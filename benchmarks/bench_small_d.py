@@ -1,7 +1,9 @@
 """Small-D speed, where SVI guides live: one step of every builder against Pyro, zuko and nflows.
 
 A guide step is what one SVI particle batch costs a flow guide: ``rsample((4,))``,
-``log_prob`` of those draws and a backward pass. A density step is
+``log_prob`` of those draws, a stand-in model term (``|z|^2 / 2``, so that the
+backward pass runs through the map and not only its log-determinant) and a
+backward pass. A density step is
 ``log_prob`` of a batch of 256 data points and a backward pass. Every row is
 timed round robin with the others (median of rounds, one thread), and
 reported as a ratio to the reference in the same run: Pyro's ``AutoIAFNormal``
@@ -62,21 +64,35 @@ def layers(dim: int) -> dict[str, Callable[[], torch.nn.Module]]:
     return rows
 
 
+def autograd_nodes(loss: torch.Tensor) -> int:
+    """How many autograd nodes a loss's backward pass runs (at small D, what a step costs)."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(parent for parent, _ in node.next_functions)
+    return len(seen)
+
+
 def pyro_step(transform: torch.nn.Module, dim: int, task: str, data: torch.Tensor):
     base = dist.Normal(torch.zeros(dim), 1.0).to_event(1)
     model = dist.TransformedDistribution(base, transform)
     params = [p for p in transform.parameters() if p.requires_grad]
 
+    def loss():
+        if task == "guide":  # KL(q || N(0, I)) by 4 draws: the model term needs dz/dtheta too
+            z = model.rsample((GUIDE_DRAWS,))
+            return (model.log_prob(z) + 0.5 * z.square().sum(-1)).mean()
+        return -model.log_prob(data.clone()).mean()  # a fresh tensor, as a loader gives
+
     def step():
         for p in params:
             p.grad = None
-        if task == "guide":
-            z = model.rsample((GUIDE_DRAWS,))
-            loss = model.log_prob(z).mean()
-        else:
-            loss = -model.log_prob(data.clone()).mean()  # a fresh tensor, as a loader gives
-        loss.backward()
+        loss().backward()
 
+    step.nodes = lambda: autograd_nodes(loss())
     return step
 
 
@@ -94,7 +110,7 @@ def zuko_steps(dim: int, task: str, data: torch.Tensor) -> dict[str, Callable[[]
             d = flow()
             if task == "guide":
                 z = d.rsample((GUIDE_DRAWS,))
-                loss = d.log_prob(z).mean()
+                loss = (d.log_prob(z) + 0.5 * z.square().sum(-1)).mean()
             else:
                 loss = -d.log_prob(data).mean()
             loss.backward()
@@ -116,8 +132,8 @@ def nflows_steps(dim: int, task: str, data: torch.Tensor) -> dict[str, Callable[
     def step():
         flow.zero_grad(set_to_none=True)
         if task == "guide":
-            _, log_prob = flow.sample_and_log_prob(GUIDE_DRAWS)
-            loss = log_prob.mean()
+            z, log_prob = flow.sample_and_log_prob(GUIDE_DRAWS)
+            loss = (log_prob + 0.5 * z.square().sum(-1)).mean()
         else:
             loss = -flow.log_prob(data).mean()
         loss.backward()
@@ -135,16 +151,18 @@ def table(dim: int, task: str, repeats: int, min_seconds: float, single: bool, c
     if not single:
         fns.update(zuko_steps(dim, task, data))
         fns.update(nflows_steps(dim, task, data))
+    nodes = {name: fn.nodes() for name, fn in fns.items() if hasattr(fn, "nodes")}
     times = median_times(fns, repeats, min_seconds, clock=clock)
     reference = times[LAYER_REFERENCE if single else FLOW_REFERENCE]
-    return {name: (seconds, seconds / reference) for name, seconds in times.items()}
+    return {name: (t, t / reference, nodes.get(name)) for name, t in times.items()}
 
 
 def print_table(title: str, rows: dict) -> None:
     print(f"\n{title}")
     width = max(len(name) for name in rows)
-    for name, (seconds, ratio) in rows.items():
-        print(f"  {name:<{width}}  {seconds * 1e3:8.3f} ms  {ratio:5.2f}x")
+    print(f"  {'':<{width}}  {'time':>11}  {'ratio':>6}  autograd nodes")
+    for name, (seconds, ratio, nodes) in rows.items():
+        print(f"  {name:<{width}}  {seconds * 1e3:8.3f} ms  {ratio:5.2f}x  {nodes or ''}")
 
 
 def main(argv=None) -> dict:
