@@ -259,10 +259,9 @@ def mean_nll(model, rows: torch.Tensor, chunk: int = 4096) -> float:
     if not is_initialized():
         return single(model, rows, chunk)
     part = shard(rows)
-    if part.shape[0]:
-        total = -log_prob_in_chunks(model, part, chunk).sum()
-    else:
-        total = rows.new_zeros(())
+    # A rank without rows scores the first row with weight zero.
+    weight = 1.0 if part.shape[0] else 0.0
+    total = -log_prob_in_chunks(model, part if weight else rows[:1], chunk).sum() * weight
     return (all_reduce_sum(total) / rows.shape[0]).item()
 
 
@@ -423,10 +422,8 @@ def sharded_loss(model, batch: torch.Tensor, modules: list[torch.nn.Module], pen
     ``nll_sum`` is the shard's detached summed NLL.
     """
     part = shard(batch)
-    if part.shape[0]:
-        nll_sum = -model.log_prob(part).sum()
-    else:
-        nll_sum = -model.log_prob(batch[:1]).sum() * 0
+    weight = 1.0 if part.shape[0] else 0.0
+    nll_sum = -model.log_prob(part if weight else batch[:1]).sum() * weight
     loss = nll_sum / batch.shape[0]
     if modules:
         loss = loss + penalty_fn(modules) / world_size()
