@@ -1,5 +1,7 @@
-"""One rank of tests/test_distributed.py's runs: ``python _dist_worker.py SCENARIO RANK WORLD
-PORT OUT``. The single-process reference runs the same functions without a process group."""
+"""One rank of tests/test_distributed.py's runs: ``python _dist_worker.py SCENARIO OUT RANK WORLD
+PORT``, or ``torchrun ... -m tests._dist_worker SCENARIO OUT`` (rank and rendezvous from
+torchrun's environment). The single-process reference runs the same functions without a
+process group."""
 
 from __future__ import annotations
 
@@ -97,13 +99,18 @@ def _fail_on_call(count: int):
 
 
 def main() -> int:
-    scenario, rank, world, port, out = sys.argv[1:6]
-    rank, world, out = int(rank), int(world), Path(out)
+    scenario, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    td.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=30),
-    )  # fmt: skip
+    if len(sys.argv) > 3:
+        rank, world, port = (int(a) for a in sys.argv[3:6])
+        td.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=30),
+        )  # fmt: skip
+    else:
+        assert distributed.init_from_env("gloo", timeout_s=30)
+        rank = distributed.rank()
+    sys.stderr = open(out / f"stderr{rank}.txt", "w")  # noqa: SIM115 (closed at exit)
     try:
         if scenario == "fit":
             flow, result = run_fit(progress=True)

@@ -28,13 +28,14 @@ def _free_port() -> int:
 
 
 def _run_ranks(scenario: str, out: Path, world: int = 2, timeout: float = 90.0) -> list:
-    """Starts ``world`` worker processes; returns their (exit code, stderr), killing any still
-    running after ``timeout`` seconds (a hang fails the test rather than blocking it)."""
+    """Starts ``world`` worker processes by hand (torchrun would stop the others itself when one
+    fails); returns their (exit code, stderr), killing any still running after ``timeout``
+    seconds (a hang fails the test rather than blocking it)."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), scenario, str(r), str(world), str(port), str(out)],
+            [sys.executable, str(WORKER), scenario, str(out), str(r), str(world), str(port)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -57,11 +58,15 @@ def _run_ranks(scenario: str, out: Path, world: int = 2, timeout: float = 90.0) 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
+    """Two ranks started by torchrun, through distributed.launch (what ``--nproc 2`` runs)."""
     out = tmp_path_factory.mktemp("dist")
-    results = _run_ranks("fit", out)
-    for r, (code, err) in enumerate(results):
-        assert code == 0, f"rank {r} failed:\n{err}\n{(out / f'error{r}.json').read_text()}"
-    return out, results
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        patch.setenv("PYTHONPATH", str(ROOT))
+        code = distributed.launch(["fit", str(out)], 2, module="tests._dist_worker")
+    errors = [p.read_text() for p in sorted(out.glob("error*.json"))]
+    assert code == 0 and not errors, errors
+    return out, [(out / f"stderr{r}.txt").read_text() for r in range(2)]
 
 
 def _assert_states_equal(got: dict, expected: dict, tol: float = 1e-6) -> None:
@@ -93,10 +98,10 @@ def test_two_ranks_equal_one_process(two_ranks):
 
 
 def test_only_rank_zero_prints_and_writes(two_ranks):
-    out, results = two_ranks
+    out, stderr = two_ranks
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [saved["wrote"] for saved in ranks] == [[0], []]
-    assert "epoch 4/4" in results[0][1] and "epoch" not in results[1][1]
+    assert "epoch 4/4" in stderr[0] and "epoch" not in stderr[1]
     flow = every_family_flow(DIM, "density").double()
     flow.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     _assert_states_equal(flow.state_dict(), ranks[0]["state"], tol=0.0)
