@@ -22,6 +22,21 @@ Batches with fewer rows than ranks give the ranks without a row of their own
 a copy of the batch's first row with weight zero, so every rank runs the same
 layers the same number of times.
 
+What "the same" covers: every family's forward, gradients, optimizer steps,
+rank-one merges, drift corrections and :math:`v` redraws, and the
+self-normalizing tracked log-determinant, to rounding (the gradient sum is
+added in another order). One exception: a self-normalizing layer with
+:math:`D > \max(\text{rows per rank}, 32)` estimates its reconstruction
+term with random probes, which each rank draws for itself (as many as its
+rows, at least 32): the data-parallel gradient then averages the ranks'
+estimates, of the same expectation as one process's but not the same
+numbers. The replicas still stay identical (they all step with the summed
+gradient). Parameters that get no gradient must be the same on every rank
+(they are, for the same model and loss): the all-reduce leaves them out.
+A failing rank makes the others raise :class:`CollectiveError` once its
+process exits (its sockets close), at the latest after the process group's
+``timeout``; ``torchrun`` also stops the other ranks itself.
+
 Launching. One machine, ``N`` processes (``gloo`` on CPU, ``nccl`` with one
 GPU a process)::
 
