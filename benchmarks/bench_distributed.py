@@ -20,6 +20,11 @@ shown, and a busy machine takes from both; run it on an idle one (``--quick`` fo
 run)::
 
     python benchmarks/bench_distributed.py --dim 1024 --blocks 2 --family lu
+
+Measured here (2 shared cores, load average about 6): 3,148,800 parameters, 12.6 MB of
+gradients a step; 1 process 761 rows/s, 2 processes 1055 rows/s (x1.39); all-reduce 19.2 ms
+at W = 2 (loopback), latency 1.3 ms; projected x1.89 / x3.35 / x5.11 / x5.94 at W = 2 / 4 /
+8 / 16 on a machine with a core a process.
 """
 
 from __future__ import annotations

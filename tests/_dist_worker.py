@@ -43,9 +43,12 @@ def fit_data() -> torch.Tensor:
     return x + 0.3 * x.square()  # not Gaussian
 
 
-def run_fit(progress: bool = False) -> tuple[torch.nn.Module, pyro_lunet.FitResult]:
-    """201 rows: 161 train in batches of 40 (the fifth batch has one row), 4 epochs = 20 steps."""
-    torch.manual_seed(1)
+def run_fit(progress: bool = False, rank: int = 0) -> tuple[torch.nn.Module, pyro_lunet.FitResult]:
+    """201 rows: 161 train in batches of 40 (the fifth batch has one row), 4 epochs = 20 steps.
+
+    Each rank builds its flow from another seed: fit_density starts every rank from rank 0's
+    (parameters, buffers and the rank-one layer's own seed)."""
+    torch.manual_seed(1 + 100 * rank)
     flow = every_family_flow(DIM, "density").double()
     result = pyro_lunet.fit_density(
         flow, fit_data(), epochs=4, batch_size=40, lr=1e-2, val_fraction=0.2, seed=3,
@@ -113,7 +116,7 @@ def main() -> int:
     sys.stderr = open(out / f"stderr{rank}.txt", "w")  # noqa: SIM115 (closed at exit)
     try:
         if scenario == "fit":
-            flow, result = run_fit(progress=True)
+            flow, result = run_fit(progress=True, rank=rank)
             wrote = []
             path = out / "model.pt"
 
@@ -131,7 +134,7 @@ def main() -> int:
         elif scenario == "fail":
             if rank == 1:
                 _fail_on_call(7)
-            run_fit()
+            run_fit(rank=rank)
         else:
             raise ValueError(f"unknown scenario {scenario!r}")
     except Exception as error:
