@@ -292,39 +292,44 @@ def _state(module: torch.nn.Module) -> dict:
     return state
 
 
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _checksums(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Three float64 numbers a tensor: sum, position-weighted sum, and for integers the high
-    halves (so int64 seeds compare exactly)."""
+    """Four int64 checksums a tensor, of its bits: the sums of the low and of the high 32 bits
+    of every element, plain and weighted by position (1 to 7, cyclic). Exact: one element
+    differing in one bit changes them."""
     sums = []
     for t in tensors:
         flat = t.detach().reshape(-1).to(device)
-        if flat.is_floating_point() or flat.is_complex():
-            flat = torch.view_as_real(flat).reshape(-1) if flat.is_complex() else flat
-            values = torch.nan_to_num(flat.double(), nan=1.2345e300)
-            high = values.new_zeros(())
-        else:
-            wide = flat.long()
-            values = (wide & 0xFFFFFFFF).double()
-            high = (wide >> 32).double().sum()
-        weights = torch.arange(1, values.numel() + 1, dtype=torch.float64, device=device)
-        sums.append(torch.stack([values.sum(), (values * weights).sum(), high]))
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        if flat.dtype == torch.bool:
+            flat = flat.to(torch.int8)
+        elif flat.is_floating_point():
+            flat = flat.view(_SAME_WIDTH_INT[flat.element_size()])
+        wide = flat.to(torch.int64)
+        low, high = wide & 0xFFFFFFFF, (wide >> 32) & 0xFFFFFFFF
+        weights = torch.arange(wide.numel(), device=device) % 7 + 1
+        sums.append(torch.stack([low.sum(), high.sum(), (low * weights).sum(),
+                                 (high * weights).sum()]))  # fmt: skip
     if not sums:
-        return torch.zeros(0, dtype=torch.float64, device=device)
+        return torch.zeros(0, 4, dtype=torch.int64, device=device)
     return torch.stack(sums)
 
 
 def _disagree(values: torch.Tensor, what: str) -> torch.Tensor:
-    """A bool mask of the rows of ``values`` whose entries differ between ranks."""
-    both = torch.cat([values, -values])
+    """A bool mask of the rows of ``values`` (int64) whose entries differ between ranks."""
+    both = torch.cat([values.reshape(-1), ~values.reshape(-1)])  # ~x = -1 - x: max of ~x is ~min
     _collective(f"the consistency check of {what}", dist.all_reduce, both, op=dist.ReduceOp.MAX)
-    high, low = both[: len(values)], -both[len(values) :]
+    high, low = both[: values.numel()], ~both[values.numel() :]
     return (high != low).reshape(len(values), -1).any(dim=1)
 
 
 def _check_structure(state: dict, what: str) -> None:
     names = "\n".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in state.items())
     signature = torch.tensor(
-        [len(state), zlib.crc32(names.encode())], dtype=torch.float64, device=_comm_device()
+        [[len(state), zlib.crc32(names.encode())]], dtype=torch.int64, device=_comm_device()
     )
     if bool(_disagree(signature, what).any()):
         raise ValueError(
