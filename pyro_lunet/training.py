@@ -692,7 +692,10 @@ def train_epoch(
     Under an initialized ``torch.distributed`` process group every rank
     passes the same global batches and trains on its share of each, the
     gradients summed over the ranks before the step
-    (:mod:`pyro_lunet.distributed`): the same steps as one process.
+    (:mod:`pyro_lunet.distributed`): the same steps as one process, given
+    the same flow on every rank to start from
+    (:func:`pyro_lunet.distributed.broadcast_module`, which
+    :func:`fit_density` runs).
     """
     modules = [t for t in model.transforms if isinstance(t, torch.nn.Module)]
     for module in modules:

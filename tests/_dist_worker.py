@@ -103,7 +103,7 @@ def _fail_on_call(count: int):
 
 def _divergence(flow: torch.nn.Module) -> list[str]:
     """The errors of the consistency checks once rank 1 differs (in the last bit of one
-    buffer; in the data)."""
+    buffer; in the data), and of a write that fails on rank 0."""
     errors = []
     with torch.no_grad():
         buffer = next(b for b in flow.buffers() if b.is_floating_point() and b.numel() > 1)
@@ -117,6 +117,14 @@ def _divergence(flow: torch.nn.Module) -> list[str]:
         distributed.check_same(torch.arange(4.0) + distributed.rank(), "data")
     except ValueError as error:
         errors.append(str(error))
+
+    def failing_write():
+        raise OSError("disk full (the test's)")
+
+    try:
+        distributed.write_on_main(failing_write)
+    except (OSError, RuntimeError) as error:
+        errors.append(f"{type(error).__name__}: {error}")
     return errors
 
 

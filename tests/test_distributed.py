@@ -107,13 +107,16 @@ def test_only_rank_zero_prints_and_writes(two_ranks):
     _assert_states_equal(flow.state_dict(), ranks[0]["state"], tol=0.0)
 
 
-def test_divergence_and_different_data_are_errors(two_ranks):
+def test_divergence_different_data_and_a_failed_write_are_errors(two_ranks):
     out, _ = two_ranks
     for r in range(2):
-        replicas, data = torch.load(out / f"rank{r}.pt", weights_only=False)["errors"]
+        replicas, data, write = torch.load(out / f"rank{r}.pt", weights_only=False)["errors"]
         assert f"rank {r} of 2: the replicas diverged after the test's change" in replicas
         assert "1 entries differ between ranks" in replicas
         assert f"rank {r} of 2: data differs between ranks" in data
+        # A write failing on rank 0 fails every rank (no one waits for it).
+        expected = "OSError: disk full" if r == 0 else "RuntimeError: rank 1 of 2: rank 0 failed"
+        assert write.startswith(expected), write
 
 
 def test_svi_recipe_two_ranks_equal_full_batch(two_ranks):
