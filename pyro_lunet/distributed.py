@@ -225,7 +225,8 @@ def all_reduce_gradients(
     """
     if not is_initialized():
         return extra
-    grads = [p.grad for p in parameters if p.grad is not None]
+    unique = {id(p): p for p in parameters}.values()  # a parameter listed twice counts once
+    grads = [p.grad for p in unique if p.grad is not None]
     world = world_size()
     buckets: dict[tuple, list[torch.Tensor]] = {}
     for grad in grads:
