@@ -50,9 +50,10 @@ on each machine::
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \
         --rdzv-endpoint HOST:29400 --rdzv-id RUN_ID -m pyro_lunet fit DATA ...
 
-Under ``torchrun`` a program calls :func:`init_from_env` (a no-op when the
-process was not started by a launcher) and writes files only where
-:func:`is_main_process`.
+Under ``torchrun`` a program runs inside :func:`process_group_from_env` (or
+calls :func:`init_from_env`; both do nothing when the process was not started
+by a launcher) and writes files only where :func:`is_main_process` (e.g.
+through :func:`write_on_main`).
 
 Data-parallel SVI with a pyro-lunet guide, in a plain PyTorch loop: every rank
 seeds Pyro identically (the guide's draws are then the same on every rank),
@@ -88,6 +89,7 @@ import subprocess
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -106,6 +108,7 @@ __all__ = [
     "launch_command",
     "mean_nll",
     "print_main",
+    "process_group_from_env",
     "rank",
     "shard",
     "shard_bounds",
@@ -164,6 +167,21 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+@contextmanager
+def process_group_from_env(backend: str | None = None, timeout_s: float = 1800.0):
+    """:func:`init_from_env` for a block, the group destroyed at its end if this started it.
+
+    What a program's entry point wraps its work in, e.g. ``pyro-lunet fit`` under
+    ``torchrun``; without a launcher the block runs as one process.
+    """
+    started = init_from_env(backend, timeout_s)
+    try:
+        yield
+    finally:
+        if started and is_initialized():
+            dist.destroy_process_group()
 
 
 def _comm_device() -> torch.device:

@@ -149,6 +149,11 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.shard(x) is not None and torch.equal(distributed.shard(x), x)
     assert distributed.shard_bounds(10, 1, 3) == (3, 6)
     assert distributed.all_reduce_sum(x) is x
+    with distributed.process_group_from_env():  # no launcher: nothing to start
+        assert not distributed.is_initialized()
+    done = []
+    distributed.write_on_main(lambda: done.append(1))
+    assert done == [1]
     with pytest.raises(ValueError, match="rank must lie in"):
         distributed.shard_bounds(4, 2, 2)
 
