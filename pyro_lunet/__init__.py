@@ -1,7 +1,6 @@
 """pyro-lunet: structured invertible linear layers for normalizing flows in Pyro."""
 
 from . import datasets as datasets
-from . import distributed as distributed
 from .diagnostics import PSISDiagnostic, khat_reading, psis_khat, to_inference_data
 from .flows import LAYERS, activation_flow, coupling_flow, layer_factory
 from .image_flows import ActNorm, ConvAffineCoupling, bits_per_dim, image_flow
