@@ -55,7 +55,9 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.optim import PyroOptim
 
-from ._scoring import held_out_count, mean_nll, standard_normal
+from . import distributed
+from ._scoring import held_out_count, standard_normal
+from .distributed import mean_nll  # over the ranks' shares in data-parallel mode
 from .fingerprint import parameter_fingerprint
 from .transforms.base import optimizer_step_count
 
@@ -493,6 +495,14 @@ def fit_density(
     dtype) and every other bad argument are refused before the flow is
     touched.
 
+    Under an initialized ``torch.distributed`` process group (e.g. started
+    by ``torchrun``) the fit is data-parallel, with the same call on every
+    rank and the same ``data``: each rank trains on its share of every global
+    batch of ``batch_size`` rows, the gradients and the validation NLL are
+    reduced over the ranks, only rank 0 draws the progress bar, and every rank
+    ends with the same flow, that of one process up to rounding (checked
+    after every epoch); see :mod:`pyro_lunet.distributed`.
+
     The steps are public, for loops that need another shape: the split is
     :func:`train_val_split`'s (the same rows for the same ``val_fraction``
     and ``seed``), each epoch one :func:`train_epoch` with a
@@ -527,6 +537,10 @@ def fit_density(
         flow was restored to.
     """
     params = _check_fit_arguments(flow, data, epochs, batch_size, val_fraction)
+    parallel = distributed.is_initialized()
+    if parallel:  # every rank starts from rank 0's flow, with the same data
+        distributed.check_same(data, "data")
+        distributed.broadcast_module(flow)
     # One generator draws the split, then each epoch's batch order.
     gen = torch.Generator().manual_seed(seed)
     train, val, train_index, val_index = _split(data, val_fraction, gen)
@@ -544,7 +558,7 @@ def fit_density(
     maintenance = Maintenance(flow, optimizer)
     history: dict[str, list[float]] = {"train_nll": [], "val_nll": []}
     best = (math.inf, -1, None)  # the best epoch's, once one finishes
-    bar = _Progress(epochs) if progress else None
+    bar = _Progress(epochs) if progress and distributed.is_main_process() else None
     start = time.perf_counter()
     diverged = None
     try:
@@ -558,6 +572,8 @@ def fit_density(
             if not (math.isfinite(val_nll) and math.isfinite(train_nll)):
                 diverged = _diverged(epoch, lr, _fallback(best, at_call))
                 raise diverged
+            if parallel:
+                distributed.check_replicas(flow, f"after epoch {epoch + 1}")
             history["train_nll"].append(train_nll)
             history["val_nll"].append(val_nll)
             if val_nll < best[0]:
@@ -672,20 +688,36 @@ def train_epoch(
     :returns: the mean NLL over the epoch's rows, in nats (NaN or infinite
         when training diverged).
     :raises ValueError: when ``batches`` is empty.
+
+    Under an initialized ``torch.distributed`` process group every rank
+    passes the same global batches and trains on its share of each, the
+    gradients summed over the ranks before the step
+    (:mod:`pyro_lunet.distributed`): the same steps as one process, given
+    the same flow on every rank to start from
+    (:func:`pyro_lunet.distributed.broadcast_module`, which
+    :func:`fit_density` runs).
     """
     modules = [t for t in model.transforms if isinstance(t, torch.nn.Module)]
     for module in modules:
         module.train()
     total, count = None, 0
+    parallel = distributed.is_initialized()
     for batch in batches:
-        nll = -model.log_prob(batch).mean()
-        loss = nll + penalty(modules) if modules else nll
+        if parallel:  # this rank's share of the global batch; gradients summed below
+            loss, term = distributed.sharded_loss(model, batch, modules, penalty)
+        else:
+            nll = -model.log_prob(batch).mean()
+            loss = nll + penalty(modules) if modules else nll
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if parallel:
+            params = (p for group in optimizer.param_groups for p in group["params"])
+            term = distributed.all_reduce_gradients(params, average=False, extra=term)
+        else:
+            term = nll.detach() * batch.shape[0]
         optimizer.step()
         if maintenance is not None:
             maintenance.step()
-        term = nll.detach() * batch.shape[0]
         total = term if total is None else total + term
         count += batch.shape[0]
         if on_batch is not None:
