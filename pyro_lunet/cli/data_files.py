@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import datasets
+from .. import datasets
 
 __all__ = [
     "BUILT_IN",
