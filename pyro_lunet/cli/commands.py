@@ -16,6 +16,7 @@ fit with the demo's own options.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import platform
@@ -199,6 +200,9 @@ def prepare_fit(options: FitOptions) -> FitPlan:
     Everything a fit can be refused for is refused here, before any training.
     """
     builder, _ = parse_flow(options.flow)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CommandError('fit draws its figures with matplotlib, which is not installed: '
+                           'pip install "pyro-lunet[cli]"')  # fmt: skip
     device = _device(options.device)
     out = Path(options.out) if options.out else free_name(Path("runs") / Path(options.data).stem)
     inputs = _inputs(options.data)

@@ -53,7 +53,10 @@ class Rows:
 
 
 def _digits(num_rows: int, seed: int) -> np.ndarray:
-    return datasets.digits(seed).double().numpy()
+    try:
+        return datasets.digits(seed).double().numpy()
+    except ImportError as error:
+        raise DataError(f"digits: {error}") from None
 
 
 def _toy(name: str):
