@@ -38,9 +38,11 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_layers.py --json benchmarks/results/bench_layers.json
 
-# The API site, warnings as errors, into docs/_build/html (tutorials executed quick).
+# The API site, warnings as errors, into docs/_build/html (the tutorials executed in their
+# quick mode), then a check that every internal link of the site resolves.
 docs: $(VENV)/.installed-docs
 	PYRO_LUNET_TUTORIAL_QUICK=1 $(BIN)/python -m sphinx -W --keep-going -b html -q docs docs/_build/html
+	$(BIN)/python docs/check_links.py docs/_build/html
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check . && $(BIN)/ruff check .
