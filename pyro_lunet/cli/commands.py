@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -519,6 +520,11 @@ def run_demo(
 
 def demo(args: argparse.Namespace) -> int:
     """Fits a spline flow with LU mixers to a 2-D ring of Gaussians and writes a run folder."""
+    # A 2-D flow on batches of 512 rows gives a second intra-op thread nothing to do but
+    # wait: on the project's shared 2-core machine the demo's fit took over 100 CPU-s with
+    # two threads, 15 with one. OMP_NUM_THREADS, when set, decides instead.
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
     run_demo(args.out, epochs=args.epochs, blocks=args.blocks, lr=args.lr,
              batch_size=args.batch_size, rows=args.rows, seed=args.seed,
              overwrite=args.overwrite, quiet=args.quiet)  # fmt: skip
