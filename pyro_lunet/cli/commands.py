@@ -486,7 +486,7 @@ def bench(args: argparse.Namespace) -> int:
 #: The demo's fit: a spline coupling flow with LU mixers on the built-in ring of eight
 #: Gaussians. Measured on the project's 2-core machine (README): 0.08 nats above the true
 #: density's held-out NLL (0.14 and 0.13 with seeds 1 and 2; the best Gaussian is 1.44
-#: above) in about 25 CPU-seconds, the fit 17 of them; two more epochs gain nothing with
+#: above) in about 20 CPU-seconds, the fit 15 of them; two more epochs gain nothing with
 #: seed 0. LU-Net, whose monotone activations leave mass between the modes, ended 0.61
 #: above the truth in 85 s (issue 19).
 DEMO = FitOptions(data="gaussian-mixture", flow="spline:lu", blocks=4, epochs=10,
