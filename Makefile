@@ -1,5 +1,5 @@
 # Set-up and the two jobs of the README. `make demo` / `make test` create the
-# virtual environment .venv on first use.
+# virtual environment .venv on first use; `make docs` builds the API site.
 #
 # TORCH_SPEC pins torch only for this environment (the package itself asks for
 # torch>=2.1): on the project's machines torch==2.13.0 is a local CPU wheel,
@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,15 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e ".[cli]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[cli,dev,bench]"
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[cli,docs]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -33,6 +37,12 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_layers.py --json benchmarks/results/bench_layers.json
+
+# The API site, warnings as errors, into docs/_build/html (the tutorials executed in their
+# quick mode), then a check that every internal link of the site resolves.
+docs: $(VENV)/.installed-docs
+	PYRO_LUNET_TUTORIAL_QUICK=1 $(BIN)/python -m sphinx -W --keep-going -b html -q docs docs/_build/html
+	$(BIN)/python docs/check_links.py docs/_build/html
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check . && $(BIN)/ruff check .

@@ -28,7 +28,7 @@ import time
 import torch
 
 from pyro_lunet import ButterflyLinear, InvertibleLinear, lu_linear
-from pyro_lunet.benchmark import TASKS, PyroRunner, median_times, peer_runners, task_fn
+from pyro_lunet.cli.bench import TASKS, PyroRunner, median_times, peer_runners, task_fn
 
 
 class LevelByLevel(ButterflyLinear):

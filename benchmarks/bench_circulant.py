@@ -25,7 +25,7 @@ import argparse
 import torch
 
 from pyro_lunet import circulant_diagonal_linear, lu_linear
-from pyro_lunet.benchmark import median_times
+from pyro_lunet.cli.bench import median_times
 
 
 def _layers(dim: int, num_factors: int):

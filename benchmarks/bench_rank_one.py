@@ -40,7 +40,7 @@ import pyro.distributions as dist
 import torch
 
 from pyro_lunet import RankOneScheduler, rank_one_updated_linear
-from pyro_lunet.benchmark import median_times
+from pyro_lunet.cli.bench import median_times
 
 
 # ------------------------------------------------------------------- drift

@@ -36,7 +36,7 @@ import pyro.distributions as dist
 import torch
 
 from pyro_lunet import activation_flow, self_normalizing_linear
-from pyro_lunet.benchmark import median_times
+from pyro_lunet.cli.bench import median_times
 
 
 def _standard_normal(dim: int) -> dist.Distribution:

@@ -82,9 +82,15 @@ def digits(seed: int | None = 0) -> torch.Tensor:
     Each pixel is an integer grey level in 0..16; adding uniform noise in
     [0, 1) (seeded) gives continuous values in [0, 17), whose density a flow
     can fit without collapsing onto the integers (the standard
-    dequantization). No download: the images ship inside scikit-learn.
+    dequantization). No download: the images ship inside scikit-learn, which
+    this function needs (the ``cli`` extra: ``pip install "pyro-lunet[cli]"``).
     """
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError(
+            'the digits ship with scikit-learn: pip install "pyro-lunet[cli]" (or scikit-learn)'
+        ) from None
 
     levels = torch.from_numpy(load_digits().data).float()
     return levels + torch.rand(levels.shape, generator=_generator(seed))

@@ -54,6 +54,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.optim import PyroOptim
+from tqdm import tqdm
 
 from . import distributed
 from ._scoring import held_out_count, standard_normal
@@ -480,9 +481,10 @@ def fit_density(
     flow's :class:`Maintenance` after every optimizer step, so every layer
     family trains correctly without further code. A held-out split
     (``val_fraction`` of the rows) is scored in eval mode after each epoch; the
-    best state is kept and restored at the end. ``progress`` shows a one-line
+    best state is kept and restored at the end. ``progress`` shows a tqdm
     bar on stderr with the live training NLL (refreshed a few times a second)
-    and the last validation NLL. Runs on the device and dtype of ``data``;
+    and the last validation NLL; when stderr is not a terminal (a file, a CI
+    log) it writes one plain line per epoch instead. Runs on the device and dtype of ``data``;
     the flow must already be there.
 
     When training diverges, is interrupted (``KeyboardInterrupt``) or
@@ -526,7 +528,7 @@ def fit_density(
     :param float lr: Adam's learning rate.
     :param float val_fraction: the held-out share, in (0, 1).
     :param int seed: seeds the split and the batch order (not the flow).
-    :param bool progress: whether to draw the progress bar.
+    :param bool progress: whether to show progress (``False``: silent).
     :returns: a :class:`FitResult`.
     :raises ValueError: on bad arguments, including data with NaN or
         infinite rows (naming how many and which), constant columns in the
@@ -802,28 +804,62 @@ def _diverged(epoch: int, lr: float, fallback: tuple) -> FloatingPointError:
 
 
 class _Progress:
-    """A one-line progress bar on stderr, redrawn at most every ``interval`` seconds."""
+    """:func:`fit_density`'s progress on ``file`` (stderr), drawn by tqdm.
 
-    def __init__(self, epochs: int, interval: float = 0.25, width: int = 24):
-        self.epochs, self.interval, self.width = epochs, interval, width
+    On a terminal, one tqdm bar over the epochs, with the live training NLL
+    redrawn at most every ``interval`` seconds and the last validation NLL.
+    Anywhere else (a file, a CI log, a notebook), no redraws: one line per
+    finished epoch, in the same format.
+    """
+
+    FORMAT = "epoch {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}{postfix}]"
+
+    def __init__(self, epochs: int, interval: float = 0.25, file=None):
+        self.file = sys.stderr if file is None else file
+        isatty = getattr(self.file, "isatty", None)
+        self.live = bool(isatty and isatty())
+        self.epochs, self.interval = epochs, interval
         self.val_nll: float | None = None
         self.last = -math.inf
+        self.start = time.perf_counter()
+        self.bar = (
+            tqdm(
+                total=epochs,
+                file=self.file,
+                bar_format=self.FORMAT,
+                mininterval=interval,
+                dynamic_ncols=True,
+                leave=True,
+            )  # fmt: skip
+            if self.live
+            else None
+        )
 
     def due(self) -> bool:
-        return time.perf_counter() - self.last >= self.interval
+        """Whether a live redraw is due (never off a terminal: no device sync is spent)."""
+        return self.live and time.perf_counter() - self.last >= self.interval
+
+    def _postfix(self, train_nll: float) -> str:
+        val = "" if self.val_nll is None else f", val NLL {self.val_nll:.4f}"
+        return f"train NLL {train_nll:.4f}{val} nats"
 
     def show(self, done: int, train_nll: float, val_nll: float | None = None) -> None:
+        """The running NLL within an epoch, or (with ``val_nll``) the end of epoch ``done``."""
         self.last = time.perf_counter()
         if val_nll is not None:
             self.val_nll = val_nll
-        filled = round(self.width * done / self.epochs)
-        bar = "#" * filled + "." * (self.width - filled)
-        val = "" if self.val_nll is None else f"  val NLL {self.val_nll:.4f}"
-        sys.stderr.write(
-            f"\r[{bar}] epoch {done}/{self.epochs}  train NLL {train_nll:.4f}{val} nats "
-        )
-        sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._postfix(train_nll), refresh=False)
+            self.bar.update(done - self.bar.n)
+            self.bar.refresh()
+        elif val_nll is not None:
+            line = tqdm.format_meter(
+                done, self.epochs, self.last - self.start, ncols=80,
+                bar_format=self.FORMAT, postfix=self._postfix(train_nll), ascii=True,
+            )  # fmt: skip
+            self.file.write(line + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()

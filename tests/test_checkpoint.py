@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pyro_lunet._scoring import standard_normal
-from pyro_lunet.checkpoint import (
+from pyro_lunet.cli.checkpoint import (
     CheckpointError,
     ModelConfig,
     build_model,
@@ -90,3 +90,18 @@ def test_newer_checkpoint_format_is_refused(tmp_path):
     save_model(tmp_path, flow, config)
     with pytest.raises(CheckpointError, match="format 99"):
         load_model(tmp_path)
+
+
+def test_a_checkpoint_written_before_the_cli_package_still_loads():
+    """``tests/data/checkpoint_v1`` was written by ``pyro-lunet fit`` when the command line
+    was ``pyro_lunet/cli.py`` and ``pyro_lunet/checkpoint.py``; it loads and scores as then."""
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    expected = json.loads((data / "checkpoint_v1_expected.json").read_text())
+    model, config = load_model(data / "checkpoint_v1")
+    assert config.flow == "spline:butterfly" and config.format == 1
+    with torch.no_grad():
+        log_prob = model.log_prob(torch.tensor(expected["rows"]))
+    torch.testing.assert_close(log_prob, torch.tensor(expected["log_prob"]), rtol=0, atol=1e-6)

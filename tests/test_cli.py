@@ -179,7 +179,7 @@ def test_sample_then_score_round_trip(moons_run, tmp_path):
 def test_score_matches_the_model_rebuilt_in_process(moons_run, tmp_path):
     import torch
 
-    from pyro_lunet.checkpoint import load_model
+    from pyro_lunet.cli.checkpoint import load_model
 
     rows = np.random.default_rng(2).normal(size=(64, 2))
     np.savetxt(tmp_path / "rows.csv", rows, delimiter=",", header="a,b", comments="")
@@ -311,11 +311,24 @@ def test_data_that_cannot_be_fitted(tmp_path):
 def test_bench_prints_the_table():
     out = cli("bench", "--dims", 8, "--batch", 16, "--repeats", 1, "--min-seconds", 0.001,
               "--only", "circulant").stdout  # fmt: skip
-    assert "D=8, B=16" in out and "circulant" in out and "Targets:" in out
+    assert "D=8, B=16" in out and "circulant" in out
+    assert "Targets:" not in out  # the project's targets live in benchmarks/, not the package
+
+
+def test_bench_layers_script_checks_the_targets(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layers.py"
+    args = [script, "--dims", 8, "--batch", 16, "--repeats", 1, "--min-seconds", 0.001,
+            "--only", "circulant", "--json", tmp_path / "bench.json"]  # fmt: skip
+    done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Targets:" in done.stdout and "[n/a ]" in done.stdout  # D=1024 not measured
+    assert json.loads((tmp_path / "bench.json").read_text())["targets"]
 
 
 def test_demo_writes_its_folder_and_says_where(tmp_path):
     for expected in ("pyro-lunet-demo", "pyro-lunet-demo-2"):
         done = cli("demo", "--rows", 1000, "--epochs", 1, "--quiet", cwd=tmp_path)
         assert f"wrote {expected}/" in done.stdout and "true density" in done.stdout
+        assert "above the true density's" in done.stdout and "next: " in done.stdout
         assert {p.name for p in (tmp_path / expected).iterdir()} >= FITTED_FILES

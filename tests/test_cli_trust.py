@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pyro_lunet import cli
-from pyro_lunet.checkpoint import RUN_MARKER, CheckpointError, write_folder
-from pyro_lunet.data_files import load_rows
+from pyro_lunet.cli import commands
+from pyro_lunet.cli.checkpoint import RUN_MARKER, CheckpointError, write_folder
+from pyro_lunet.cli.data_files import load_rows
 
 ROWS = np.random.default_rng(0).normal(size=(40, 3))  # 3-D: no density map to draw
 
@@ -98,7 +99,7 @@ def test_sample_more_than_the_disk_holds(run, tmp_path, capsys):
 
 
 def test_samples_stream_in_chunks(run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "SAMPLE_CHUNK", 10)  # 3 rows of 3 values per draw
+    monkeypatch.setattr(commands, "SAMPLE_CHUNK", 10)  # 3 rows of 3 values per draw
     ok(capsys, "sample", run, "-n", 23, "-o", tmp_path / "draws.npy")
     ok(capsys, "sample", run, "-n", 23, "-o", tmp_path / "draws.csv")
     draws = np.load(tmp_path / "draws.npy")
@@ -222,12 +223,11 @@ def test_bad_invocations_are_one_line(run, tmp_path, capsys, argv):
 
 def test_fit_density_refusals_and_internal_errors_are_one_line(tmp_path, capsys, monkeypatch):
     """An unforeseen error is one line (exit 1); fit_density's own refusals are refusals."""
-    import pyro_lunet.cli as cli
 
     def broken(*args, **kwargs):
         raise TypeError("something we did not foresee\nsecond line")
 
-    monkeypatch.setattr(cli, "fit_density", broken)
+    monkeypatch.setattr(commands, "fit_density", broken)
     monkeypatch.delenv("PYRO_LUNET_TRACEBACK", raising=False)
     code = cli.main(["fit", "moons", "--rows", "60", "--epochs", "1", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
@@ -237,7 +237,7 @@ def test_fit_density_refusals_and_internal_errors_are_one_line(tmp_path, capsys,
     def refuses(*args, **kwargs):
         raise ValueError("data column 1 is constant (every training row is 2)")
 
-    monkeypatch.setattr(cli, "fit_density", refuses)
+    monkeypatch.setattr(commands, "fit_density", refuses)
     code = cli.main(["fit", "moons", "--rows", "60", "--epochs", "1", "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "column 1 is constant" in err

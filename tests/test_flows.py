@@ -123,7 +123,7 @@ def test_registry_lists_every_family_as_a_record():
 
 
 def test_a_registered_family_reaches_every_builder_and_the_command_line():
-    from pyro_lunet.checkpoint import flow_names, parse_flow
+    from pyro_lunet.cli.checkpoint import flow_names, parse_flow
 
     def ghost_linear(input_dim, role="guide", **kwargs):
         return lu_linear(input_dim, role=role, **kwargs)

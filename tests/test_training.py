@@ -335,3 +335,33 @@ def test_parameter_fingerprint_sees_in_place_writes_and_new_storage():
     p.requires_grad_(False)
     assert parameter_fingerprint([p], requires_grad=True) != key
     assert len(parameter_fingerprint([p, p])) == 2
+
+
+def test_fit_density_progress_off_a_terminal_is_one_line_per_epoch(capsys):
+    """A log or CI file gets one plain line per epoch (tqdm's format, no carriage returns)."""
+    data = gaussian_rows(300)
+    flow = activation_flow(3, 1, layer="lu", role="density").to(torch.float64)
+    fit_density(flow, data, epochs=3, batch_size=50, lr=1e-2)
+    lines = capsys.readouterr().err.splitlines(keepends=True)
+    assert len(lines) == 3 and not any("\r" in line for line in lines)
+    for epoch, line in enumerate(lines, 1):
+        assert line.startswith(f"epoch {epoch}/3 |") and "train NLL" in line
+        assert "val NLL" in line and line.endswith("nats]\n")
+    fit_density(flow, data, epochs=2, batch_size=50, lr=1e-2, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_fit_density_progress_on_a_terminal_is_a_live_tqdm_bar(monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    flow = activation_flow(3, 1, layer="lu", role="density").to(torch.float64)
+    fit_density(flow, gaussian_rows(300), epochs=3, batch_size=50, lr=1e-2)
+    shown = sys.stderr.getvalue()
+    assert "\r" in shown and "epoch 3/3" in shown and "train NLL" in shown
+    assert shown.endswith("\n")  # the bar ends its line

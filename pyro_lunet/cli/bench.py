@@ -15,13 +15,14 @@ inputs), all with their default settings, plus one dense ``B x D x D`` GEMM
 as the hardware reference. Measurements are interleaved across
 implementations (round robin) and the median of ``--repeats`` rounds is
 reported, so a noisy machine slows everyone alike. Ratios are against nflows
-(the most used peer); ``TARGETS`` lists the goals from the issues and each is
-checked at the end.
+(the most used peer). The project's speed targets are not part of the
+package: ``benchmarks/bench_layers.py`` runs this harness and checks them
+(``benchmarks/targets.py``).
 
-Run ``pyro-lunet bench`` (or ``python benchmarks/bench_layers.py``;
-``--quick`` for a smoke run). The peers are optional: install them with
-``pip install "pyro-lunet[bench]"``; a peer that is not installed is left out
-of the table.
+Run ``pyro-lunet bench`` (``--quick`` for a smoke run), or
+``python benchmarks/bench_layers.py`` to check the targets too. The peers are
+optional: install them with ``pip install "pyro-lunet[bench]"``; a peer that
+is not installed is left out of the table.
 """
 
 from __future__ import annotations
@@ -35,15 +36,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import pyro.distributions as dist
 import torch
 
-from . import __version__
-from .training import penalty
-from .transforms import FAMILIES
+from .. import __version__
+from ..training import penalty
+from ..transforms import FAMILIES
 
 # -------------------------------------------------------------------- ours
 
@@ -67,50 +67,6 @@ def our_rows() -> dict[str, Callable[[int], torch.nn.Module]]:
 #: The rows of the registered families at import (``our_rows()`` reads the registry anew).
 OURS: dict[str, Callable[[int], torch.nn.Module]] = our_rows()
 
-
-@dataclass(frozen=True)
-class Target:
-    """A goal: ``time(row, task) <= max_ratio * time(versus, versus_task)`` at ``dim``.
-
-    ``versus`` may be a row name or ``"fastest peer"`` (the fastest of the
-    peers on ``versus_task``); ``versus_dim`` (default ``dim``) compares
-    against another dimension's time, e.g. a row's own growth with D.
-    """
-
-    label: str
-    row: str
-    task: str
-    dim: int
-    versus: str
-    versus_task: str
-    max_ratio: float
-    versus_dim: int | None = None
-
-
-TARGETS: list[Target] = [
-    Target("LU density step vs nflows step", "lu[role=density]", "density", 1024,
-           "nflows", "density", 0.8),
-    Target("LU guide step vs nflows step", "lu[role=guide]", "guide", 1024,
-           "nflows", "density", 0.8),
-    Target("LU no-grad sampling vs fastest peer", "lu[role=guide]", "sample", 1024,
-           "fastest peer", "sample", 0.6),
-    Target("LU no-grad scoring vs fastest peer", "lu[role=density]", "score", 1024,
-           "fastest peer", "score", 0.6),
-    Target("LU density step vs Pyro GeneralizedChannelPermute", "lu[role=density]",
-           "density", 256, "pyro GeneralizedChannelPermute", "density", 0.01),
-    Target("rank-one density step vs nflows step", "rank_one", "density", 1024,
-           "nflows", "density", 0.6),
-    Target("rank-one guide step vs nflows step", "rank_one", "guide", 1024,
-           "nflows", "density", 0.6),
-    Target("butterfly density step vs nflows step", "butterfly", "density", 1024,
-           "nflows", "density", 0.2),
-    Target("butterfly density step growth from D=1024", "butterfly",
-           "density", 4096, "butterfly", "density", 6.0, versus_dim=1024),
-    Target("circulant density step vs nflows step", "circulant", "density", 1024,
-           "nflows", "density", 1 / 8),
-    Target("circulant density step growth from D=1024", "circulant",
-           "density", 4096, "circulant", "density", 6.0, versus_dim=1024),
-]  # fmt: skip
 
 TASKS = ("density", "guide", "sample", "score")
 
@@ -372,30 +328,6 @@ def _print_table(dim, batch, table, params, gemm):
         print(f"{name:32s}" + "".join(f"{c:>20s}" for c in cells) + f"{params[name]:>12d}")
 
 
-def check_targets(results) -> list[tuple[Target, float | None, bool | None]]:
-    outcomes = []
-    for target in TARGETS:
-        entry = results["dims"].get(target.dim)
-        times = entry["times"] if entry else None
-        if not times or target.row not in times[target.task]:
-            outcomes.append((target, None, None))
-            continue
-        if target.versus == "fastest peer":
-            peer_times = [v for k, v in times[target.versus_task].items() if k in PEERS]
-            versus = min(peer_times) if peer_times else None
-        else:
-            versus = times[target.versus_task].get(target.versus)
-        if target.versus_dim is not None:
-            other = results["dims"].get(target.versus_dim)
-            versus = other["times"][target.versus_task].get(target.versus) if other else None
-        if versus is None:
-            outcomes.append((target, None, None))
-            continue
-        ratio = times[target.task][target.row] / versus
-        outcomes.append((target, ratio, ratio <= target.max_ratio))
-    return outcomes
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``pyro-lunet bench`` and this module's ``main``)."""
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 1024],
@@ -415,8 +347,13 @@ def missingpeer_runners() -> list[str]:
     ]
 
 
-def run_from_args(args: argparse.Namespace) -> dict:
-    """Runs the benchmark for parsed options, prints the tables and targets, returns the results."""
+def run_from_args(args: argparse.Namespace, checks: Callable[[dict], dict] | None = None) -> dict:
+    """Runs the benchmark for parsed options, prints the tables, returns the results.
+
+    ``checks``, when given, is called with the results once they are complete
+    and what it returns is added to them before they are written to ``--json``
+    (``benchmarks/bench_layers.py`` checks the project's targets this way).
+    """
     if args.quick:
         args.dims, args.batch, args.repeats, args.min_seconds = [16, 64], 64, 2, 0.005
     if missing := missingpeer_runners():
@@ -424,12 +361,6 @@ def run_from_args(args: argparse.Namespace) -> dict:
               '(pip install "pyro-lunet[bench]")')  # fmt: skip
     torch.set_default_dtype(torch.float32)
     results = run(args.dims, args.batch, args.repeats, args.min_seconds, args.only)
-    print("\nTargets:")
-    outcomes = check_targets(results)
-    for target, ratio, ok in outcomes:
-        mark = "n/a " if ok is None else ("met " if ok else "MISS")
-        shown = "not measured" if ratio is None else f"{ratio:.3f}x"
-        print(f"  [{mark}] {target.label} at D={target.dim}: {shown} (goal <= {target.max_ratio}x)")
     results["machine"] = {
         "platform": platform.platform(),
         "processor": platform.processor(),
@@ -438,10 +369,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "pyro_lunet": __version__,
     }
-    results["targets"] = [
-        {"label": t.label, "dim": t.dim, "ratio": r, "goal": t.max_ratio, "met": ok}
-        for t, r, ok in outcomes
-    ]
+    if checks is not None:
+        results.update(checks(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import datasets
+from .. import datasets
 
 __all__ = [
     "BUILT_IN",
@@ -53,7 +53,10 @@ class Rows:
 
 
 def _digits(num_rows: int, seed: int) -> np.ndarray:
-    return datasets.digits(seed).double().numpy()
+    try:
+        return datasets.digits(seed).double().numpy()
+    except ImportError as error:
+        raise DataError(f"digits: {error}") from None
 
 
 def _toy(name: str):

@@ -30,10 +30,10 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
 
-from ._scoring import standard_normal
-from .flows import activation_flow, coupling_flow
-from .transforms.lu_net import lu_net
-from .transforms.registry import FAMILIES
+from .._scoring import standard_normal
+from ..flows import activation_flow, coupling_flow
+from ..transforms.lu_net import lu_net
+from ..transforms.registry import FAMILIES
 
 __all__ = [
     "BUILDERS",
