@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from pyro.distributions.transforms import GeneralizedChannelPermute, Permute
 
 from pyro_lunet import channel_mixer, families, image_flow
-from pyro_lunet.benchmark import median_times
+from pyro_lunet.cli.bench import median_times
 from pyro_lunet.image_flows import bits_per_dim, dequantize, unit_interval
 
 

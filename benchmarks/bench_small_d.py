@@ -26,7 +26,7 @@ import torch
 from pyro.distributions.transforms import affine_autoregressive, iterated
 
 import pyro_lunet
-from pyro_lunet.benchmark import median_times
+from pyro_lunet.cli.bench import median_times
 
 GUIDE_DRAWS = 4
 DENSITY_BATCH = 256

@@ -165,3 +165,17 @@ def test_launch_command_uses_torchrun():
     assert "--nproc-per-node" in cmd and cmd[cmd.index("--nproc-per-node") + 1] == "2"
     with pytest.raises(ValueError, match="nproc must be a positive int, got 0"):
         distributed.launch_command(["fit"], 0)
+
+
+def test_cli_fit_nproc_relaunches_through_torchrun_and_writes_once(tmp_path):
+    """``pyro-lunet fit ... --nproc 2``: two processes, one report, one run folder."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_lunet", "fit", "moons", "--rows", "600", "--epochs", "1",
+         "--nproc", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("fitting lu-net") == 1 and done.stdout.count("wrote ") == 1
+    assert (out / "model.pt").is_file() and (out / "metrics.json").is_file()

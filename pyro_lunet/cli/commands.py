@@ -31,7 +31,7 @@ import pyro
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
 
-from .. import __version__
+from .. import __version__, distributed
 from .._scoring import held_out_count, log_prob_in_chunks, mean_nll
 from ..datasets import gaussian_mixture_log_prob
 from ..training import FitResult, fit_density
@@ -256,9 +256,11 @@ def train(plan: FitPlan, model, flow: torch.nn.Module) -> tuple[torch.Tensor, Fi
     data = torch.as_tensor(plan.rows.values, dtype=getattr(torch, options.dtype),
                            device=plan.device)  # fmt: skip
     num_params = sum(p.numel() for p in flow.parameters())
-    print(f"fitting {options.flow} ({plan.config.blocks} blocks, {num_params:,} parameters) to "
-          f"{plan.num_train} rows of {options.data} (D={plan.rows.dim}), {plan.num_val} held "
-          f"out, {plan.epochs} epochs on {plan.device}")  # fmt: skip
+    distributed.print_main(
+        f"fitting {options.flow} ({plan.config.blocks} blocks, {num_params:,} parameters) to "
+        f"{plan.num_train} rows of {options.data} (D={plan.rows.dim}), {plan.num_val} held "
+        f"out, {plan.epochs} epochs on {plan.device}"
+    )
     try:
         result = fit_density(
             ComposeTransformModule(model.transforms), data, epochs=plan.epochs,
@@ -308,21 +310,46 @@ def write_run(plan: FitPlan, folder: Path, model, flow, data: torch.Tensor,
 
 
 def run_fit(options: FitOptions) -> FitOutcome:
-    """Fits a flow density model as ``options`` say and writes its run folder."""
-    plan = prepare_fit(options)
-    model, flow = build_flow(plan)
-    with write_folder(plan.out, options.overwrite, plan.inputs) as scratch:
-        data, result = train(plan, model, flow)
-        metrics = evaluate(plan, model, flow, data, result)
-        figures = write_run(plan, scratch, model, flow, data, result, metrics)
-    report(plan.out, metrics, figures)
-    return FitOutcome(plan.out, metrics, figures)
+    """Fits a flow density model as ``options`` say and writes its run folder.
+
+    Under ``torchrun`` (a process group in the environment) every process
+    trains its share of each batch (:mod:`pyro_lunet.distributed`) and only
+    rank 0 writes the folder and reports.
+    """
+    with distributed.process_group_from_env():
+        plan = prepare_fit(options)
+        model, flow = build_flow(plan)
+        if not distributed.is_main_process():
+            data, result = train(plan, model, flow)
+            return FitOutcome(plan.out, evaluate(plan, model, flow, data, result), [])
+        with write_folder(plan.out, options.overwrite, plan.inputs) as scratch:
+            data, result = train(plan, model, flow)
+            metrics = evaluate(plan, model, flow, data, result)
+            figures = write_run(plan, scratch, model, flow, data, result, metrics)
+        report(plan.out, metrics, figures)
+        return FitOutcome(plan.out, metrics, figures)
 
 
 def fit(args: argparse.Namespace) -> int:
     """Fits a flow density model to DATA and writes a checkpoint, metrics and figures."""
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return distributed.launch(_without_nproc(args.argv), nproc)
     run_fit(FitOptions.from_args(args))
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` (or ``--nproc=N``): what each launched process runs."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _figures(folder: Path, model, metrics: dict, rows: torch.Tensor, image_shape, seed: int,

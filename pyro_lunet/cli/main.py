@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/DATA, or runs/DATA-2, ...)")
     p.add_argument("--image-shape", metavar="HxW", help="rows are H x W images (.npy of "
                    "(N, H, W) arrays and the digits are known to be)")  # fmt: skip
+    p.add_argument("--nproc", type=_positive_int, metavar="N",
+                   help="train data-parallel in N processes on this machine (launched through "
+                   "torchrun; under torchrun itself, leave it out)")  # fmt: skip
     _add_input_options(p)
 
     p = command("score", commands.score)
@@ -169,6 +172,7 @@ def _out_of_memory(error: Exception) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Runs one ``pyro-lunet`` command; returns its exit status (0, 1, 2 or 130)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc relaunches
     prog = f"pyro-lunet {args.command}"
     try:
         return args.run(args)
