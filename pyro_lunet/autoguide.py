@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.distributions.transforms import AffineTransform
+from pyro.distributions.transforms import AffineCoupling, AffineTransform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
@@ -45,6 +45,19 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def _zero_init_couplings(flow: torch.nn.Module) -> int:
+    """Zeroes the output layer of every affine coupling's network (each starts as the identity)."""
+    count = 0
+    for module in flow.modules():
+        if isinstance(module, AffineCoupling):
+            last = [m for m in module.nn.modules() if isinstance(m, torch.nn.Linear)][-1]
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.zero_()
+            count += 1
+    return count
 
 
 class AutoFlowNormal(AutoContinuous):
@@ -141,6 +154,8 @@ class AutoFlowNormal(AutoContinuous):
         (e.g. ``coupling="spline"`` or ``alpha``).
     """
 
+    _zero_init_couplings = True
+
     def __init__(
         self,
         model,
@@ -221,8 +236,9 @@ class AutoFlowNormal(AutoContinuous):
         if self._layer_kwargs:
             kwargs["layer_kwargs"] = self._layer_kwargs
         if config["architecture"] == "coupling":
+            hidden = config["hidden_dims"]
             return coupling_flow(self.latent_dim, config["num_blocks"], layer=self.layer,
-                                 role="guide", hidden_dims=config["hidden_dims"], **kwargs)  # fmt: skip
+                                 role="guide", hidden_dims=hidden, **kwargs)  # fmt: skip
         return activation_flow(self.latent_dim, config["num_blocks"], layer=self.layer,
                                role="guide", **kwargs)  # fmt: skip
 
@@ -231,6 +247,8 @@ class AutoFlowNormal(AutoContinuous):
         init = self._init_loc().detach()
         self.config = self._flow_config()
         flow = self._build_flow(self.config).to(device=init.device, dtype=init.dtype)
+        if self._zero_init_couplings:
+            _zero_init_couplings(flow)
         scale = torch.full_like(init, self._init_scale)
         with torch.no_grad():
             offset = flow(init.new_zeros(init.shape))
