@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.distributions.transforms import AffineCoupling, AffineTransform
+from pyro.distributions.torch_transform import ComposeTransformModule
+from pyro.distributions.transforms import AffineCoupling, AffineTransform, affine_coupling
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
@@ -231,14 +232,33 @@ class AutoFlowNormal(AutoContinuous):
             )
         return config
 
+    def _global_split(self) -> int:
+        """Coordinates of the leading whole sites that fit in the first half (at least 1)."""
+        half, split = self.latent_dim // 2, 0
+        for shape in self._unconstrained_shapes.values():
+            if split + shape.numel() > half:
+                break
+            split += shape.numel()
+        return split or half
+
     def _build_flow(self, config: dict):
         kwargs = dict(self._flow_kwargs)
         if self._layer_kwargs:
             kwargs["layer_kwargs"] = self._layer_kwargs
         if config["architecture"] == "coupling":
-            hidden = config["hidden_dims"]
-            return coupling_flow(self.latent_dim, config["num_blocks"], layer=self.layer,
-                                 role="guide", hidden_dims=hidden, **kwargs)  # fmt: skip
+            hidden, blocks = config["hidden_dims"], config["num_blocks"]
+            if blocks == 0 or kwargs.get("coupling", "affine") != "affine":
+                return coupling_flow(self.latent_dim, blocks, layer=self.layer, role="guide",
+                                     hidden_dims=hidden, **kwargs)  # fmt: skip
+            # K - 1 Glow-style blocks, then one affine coupling that conditions
+            # the later sites on the leading ones (the model's order: globals
+            # first in a hierarchical model), nearest the latent.
+            mixing = coupling_flow(self.latent_dim, blocks - 1, layer=self.layer, role="guide",
+                                   hidden_dims=hidden, **kwargs)  # fmt: skip
+            last = affine_coupling(self.latent_dim, hidden_dims=hidden,
+                                   split_dim=self._global_split(),
+                                   **kwargs.get("coupling_kwargs", {}))  # fmt: skip
+            return ComposeTransformModule([*mixing.parts, last])
         return activation_flow(self.latent_dim, config["num_blocks"], layer=self.layer,
                                role="guide", **kwargs)  # fmt: skip
 
