@@ -21,6 +21,7 @@ two modes, NUTS for eight schools and the logistic regression. The guides:
 
     python benchmarks/bench_guides.py            # full: 5 models, 4000 steps
     python benchmarks/bench_guides.py --quick    # 3 models, 600 steps: a couple of minutes
+    python benchmarks/bench_guides.py --jobs 2   # models in 2 processes (one thread each)
 """
 
 from __future__ import annotations
@@ -128,23 +129,44 @@ def machine() -> str:
     return f"{model}; torch {torch.__version__}, pyro {pyro.__version__}, {threads} thread(s)"
 
 
-def run(models, guides, steps: int, seed: int = 0) -> dict:
+def run_model(key: str, guides, steps: int, seed: int = 0) -> tuple[dict, str]:
+    """Every guide on one model: ``({(model, guide): cells}, the printed table)``."""
+    torch.set_num_threads(1)
+    label, model = MODELS[key]
+    ref, source = load_reference(key)
+    header = f"{'guide':32s} {'mean err':>9s} {'sd err':>8s} {'k-hat':>7s} {'fit s':>7s}"
+    lines = [f"\n== {label}  (reference: {source}; {steps} steps, 4 particles)", header]
     results = {}
-    for key in models:
-        label, model = MODELS[key]
-        ref, source = load_reference(key)
-        print(f"\n== {label}  (reference: {source}; {steps} steps, 4 particles)", flush=True)
-        print(f"{'guide':32s} {'mean err':>9s} {'sd err':>8s} {'k-hat':>7s} {'fit s':>7s}")
-        for name in guides:
-            try:
-                guide, secs = fit(model, GUIDES[name], steps, seed)
-                cells = (*evaluate(model, guide, ref), secs)
-            except Exception as error:  # a failing guide is a row, not the end of the run
-                print(f"{name:32s} failed: {type(error).__name__}: {error}", flush=True)
-                continue
-            results[key, name] = cells
-            print(f"{name:32s} {cells[0]:9.3f} {cells[1]:8.3f} {cells[2]:7.2f} {cells[3]:7.1f}",
-                  flush=True)  # fmt: skip
+    for name in guides:
+        try:
+            guide, secs = fit(model, GUIDES[name], steps, seed)
+            cells = (*evaluate(model, guide, ref), secs)
+        except Exception as error:  # a failing guide is a row, not the end of the run
+            lines.append(f"{name:32s} failed: {type(error).__name__}: {error}")
+            continue
+        results[key, name] = cells
+        lines.append(f"{name:32s} {cells[0]:9.3f} {cells[1]:8.3f} {cells[2]:7.2f} {cells[3]:7.1f}")
+    return results, "\n".join(lines)
+
+
+def run(models, guides, steps: int, seed: int = 0, jobs: int = 1) -> dict:
+    """All models; with ``jobs > 1`` the models run in that many worker processes (one
+    thread each; every guide of a model runs in the same process, so its times compare)."""
+    results = {}
+    if jobs <= 1:
+        for key in models:
+            part, table = run_model(key, guides, steps, seed)
+            print(table, flush=True)
+            results.update(part)
+        return results
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs) as pool:
+        futures = [pool.submit(run_model, key, guides, steps, seed) for key in models]
+        for future in futures:
+            part, table = future.result()
+            print(table, flush=True)
+            results.update(part)
     return results
 
 
@@ -171,13 +193,14 @@ def main():
     parser.add_argument("--models", nargs="*", choices=list(MODELS), default=None)
     parser.add_argument("--guides", nargs="*", choices=list(GUIDES), default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="models run in parallel processes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps = args.steps or (600 if args.quick else 4000)
     models = args.models or (["funnel", "schools", "banana"] if args.quick else list(MODELS))
     guides = args.guides or list(GUIDES)
     print(f"machine: {machine()}")
-    results = run(models, guides, steps, args.seed)
+    results = run(models, guides, steps, args.seed, args.jobs)
     check_targets(results, models)
 
 
