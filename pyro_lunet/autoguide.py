@@ -192,10 +192,12 @@ class AutoFlowNormal(AutoContinuous):
     :param int num_quantile_samples: draws behind :meth:`quantiles`.
     :param dict layer_kwargs: keywords for a named family's factory.
     :param dict flow_kwargs: further keywords for the builder
-        (e.g. ``coupling="spline"`` or ``alpha``).
+        (e.g. ``coupling="spline"``, then a plain :func:`~pyro_lunet.coupling_flow`
+        of ``num_blocks`` spline blocks, without the site-ordered last coupling;
+        or ``alpha`` for ``"activation"``).
     """
 
-    _zero_init_couplings = True
+    _zero_init = True  # couplings start as the identity (measured: a little better)
 
     def __init__(
         self,
@@ -307,7 +309,7 @@ class AutoFlowNormal(AutoContinuous):
         init = self._init_loc().detach()
         self.config = self._flow_config()
         flow = self._build_flow(self.config).to(device=init.device, dtype=init.dtype)
-        if self._zero_init_couplings:
+        if self._zero_init:
             _zero_init_couplings(flow)
         scale = torch.full_like(init, self._init_scale)
         with torch.no_grad():
