@@ -142,7 +142,8 @@ def run_model(key: str, guides, steps: int, seed: int = 0) -> tuple[dict, str]:
             guide, secs = fit(model, GUIDES[name], steps, seed)
             cells = (*evaluate(model, guide, ref), secs)
         except Exception as error:  # a failing guide is a row, not the end of the run
-            lines.append(f"{name:32s} failed: {type(error).__name__}: {error}")
+            reason = (str(error).splitlines() or [""])[0][:120]
+            lines.append(f"{name:32s} failed: {type(error).__name__}: {reason}")
             continue
         results[key, name] = cells
         lines.append(f"{name:32s} {cells[0]:9.3f} {cells[1]:8.3f} {cells[2]:7.2f} {cells[3]:7.1f}")

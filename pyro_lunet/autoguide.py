@@ -150,7 +150,7 @@ class AutoFlowNormal(AutoContinuous):
     (bounded in the conditioning coordinates) kept every family finite there
     and cut the mean error of ``lu`` from 1.6 to 0.17 posterior sds, but took
     the funnel's :math:`\hat k` from 0.19 to 0.74, so they are not the
-    default. Cost: the default flow runs 4 mixers and 3 coupling networks,
+    default. Cost: the default flow runs 3 mixers and 3 coupling networks,
     about 2x (funnel) to 4x (31-D) the wall time per step of Pyro's
     one-layer ``AutoIAFNormal`` on one CPU thread.
 
