@@ -20,7 +20,7 @@ two modes, NUTS for eight schools and the logistic regression. The guides:
 ``AutoFlowNormal`` with its default family (``lu``) against ``AutoIAFNormal``.
 
     python benchmarks/bench_guides.py            # full: 5 models, 4000 steps
-    python benchmarks/bench_guides.py --quick    # 3 models, 600 steps: a couple of minutes
+    python benchmarks/bench_guides.py --quick    # 2 models, 300 steps: a couple of minutes
     python benchmarks/bench_guides.py --jobs 2   # models in 2 processes (one thread each)
 """
 
@@ -189,7 +189,7 @@ def check_targets(results: dict, models) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 models, 600 steps")
+    parser.add_argument("--quick", action="store_true", help="2 models, 300 steps")
     parser.add_argument("--steps", type=int, default=None, help="SVI steps (default 4000)")
     parser.add_argument("--models", nargs="*", choices=list(MODELS), default=None)
     parser.add_argument("--guides", nargs="*", choices=list(GUIDES), default=None)
@@ -197,8 +197,8 @@ def main():
     parser.add_argument("--jobs", type=int, default=1, help="models run in parallel processes")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    steps = args.steps or (600 if args.quick else 4000)
-    models = args.models or (["funnel", "schools", "banana"] if args.quick else list(MODELS))
+    steps = args.steps or (300 if args.quick else 4000)
+    models = args.models or (["funnel", "banana"] if args.quick else list(MODELS))
     guides = args.guides or list(GUIDES)
     print(f"machine: {machine()}")
     results = run(models, guides, steps, args.seed, args.jobs)
