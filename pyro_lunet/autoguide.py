@@ -151,8 +151,9 @@ class AutoFlowNormal(AutoContinuous):
     and cut the mean error of ``lu`` from 1.6 to 0.17 posterior sds, but took
     the funnel's :math:`\hat k` from 0.19 to 0.74, so they are not the
     default. Cost: the default flow runs 3 mixers and 3 coupling networks,
-    about 2x (funnel) to 4x (31-D) the wall time per step of Pyro's
-    one-layer ``AutoIAFNormal`` on one CPU thread.
+    1.9x to 2.3x the wall time per step of Pyro's
+    one-layer ``AutoIAFNormal`` on one CPU thread (interleaved timing on the
+    five benchmark models).
 
     **Median and quantiles.** Pyro's flow guides offer neither; here
     :meth:`median` is the image of the base distribution's median,
