@@ -93,6 +93,19 @@ def test_activation_architecture(layer):
                    for m in guide.modules())  # fmt: skip
 
 
+@pytest.mark.parametrize("layer", ["lu", "butterfly"])
+def test_tanh_couplings(layer):
+    guide = AutoFlowNormal(hierarchical, layer=layer, coupling_nonlinearity="tanh")
+    svi = SVI(hierarchical, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    assert math.isfinite(svi.step())
+    nets = [
+        m.nn for m in guide.modules() if isinstance(m, pyro.distributions.transforms.AffineCoupling)
+    ]
+    assert len(nets) == 3 and all(isinstance(n.f, torch.nn.Tanh) for n in nets)
+    # the last coupling conditions the later sites on the leading one ("scale", 1 coordinate)
+    assert guide.flow[-1].split_dim == 1
+
+
 def test_scalar_model_uses_activation_flow():
     guide = AutoFlowNormal(scalar_model)
     guide()
@@ -209,6 +222,7 @@ def test_default_config_by_dimension():
         ({"architecture": "activation", "hidden_dims": [8]}, "hidden_dims applies to"),
         ({"init_loc_fn": 1.0}, "init_loc_fn must be callable, got 1.0"),
         ({"num_quantile_samples": 0}, "num_quantile_samples must be an int >= 1, got 0"),
+        ({"coupling_nonlinearity": "gelu"}, "must be 'relu' or 'tanh', got 'gelu'"),
     ],
 )
 def test_bad_arguments_name_expected_and_got(kwargs, match):
