@@ -1,8 +1,8 @@
 r"""Ready-made flows from any layer family, for density models and variational guides.
 
-Two builders, each returning a
-:class:`~pyro.distributions.torch_transform.ComposeTransformModule` from base
-noise to data, so one line gives a density model
+Two builders, each returning a :class:`~pyro_lunet.Flow` (one
+``TransformModule`` that runs its parts and their log-determinants in one
+pass, with one cache) from base noise to data, so one line gives a density model
 (``TransformedDistribution(base, flow)``) or a guide
 (``AutoNormalizingFlow(model, partial(builder, ...))``):
 
@@ -26,10 +26,10 @@ from collections.abc import Callable
 from typing import Literal
 
 from pyro.distributions import TransformModule
-from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.distributions.transforms import affine_coupling, spline_coupling
 
 from .transforms.base import ROLES, Role, check_choice, check_input_dim
+from .transforms.flow import Flow
 from .transforms.leaky_softplus import LeakySoftplus
 from .transforms.registry import FAMILIES, Family
 
@@ -106,7 +106,7 @@ def activation_flow(
     role: Role = "guide",
     alpha: float = 0.1,
     layer_kwargs: dict | None = None,
-) -> ComposeTransformModule:
+) -> Flow:
     r"""``num_blocks`` x [linear layer, leaky softplus], then a linear layer, from any family.
 
     .. math::
@@ -158,7 +158,7 @@ def activation_flow(
     for _ in range(num_blocks):
         parts.append(LeakySoftplus(alpha, inverse=inverse))
         parts.append(make(input_dim))
-    return ComposeTransformModule(parts)
+    return Flow(parts, input_dim=input_dim)
 
 
 def coupling_flow(
@@ -170,7 +170,7 @@ def coupling_flow(
     hidden_dims: list[int] | None = None,
     layer_kwargs: dict | None = None,
     coupling_kwargs: dict | None = None,
-) -> ComposeTransformModule:
+) -> Flow:
     r"""Glow-style: ``num_blocks`` x [mixer, coupling layer], then a mixer.
 
     Each mixer is a layer of the chosen family; each coupling layer is
@@ -236,4 +236,4 @@ def coupling_flow(
         parts.append(make(input_dim) if block == 0 else make_mixer(input_dim))
         parts.append(make_coupling(input_dim, hidden_dims=hidden_dims, **(coupling_kwargs or {})))
     parts.append(make_mixer(input_dim) if num_blocks else make(input_dim))
-    return ComposeTransformModule(parts)
+    return Flow(parts, input_dim=input_dim)

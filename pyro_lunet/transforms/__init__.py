@@ -12,7 +12,9 @@ from .lu import LULinear, lu_linear  # the default family, listed first
 # isort: split
 from .base import ROLES, InvertibleLinear, Role, VersionedCacheModule
 from .butterfly import ButterflyLinear, butterfly_linear
+from .channel_mixer import ChannelMixer, ImageMixer, channel_mixer, image_mixer
 from .circulant import CirculantDiagonalLinear, circulant_diagonal_linear
+from .flow import Flow
 from .leaky_softplus import LeakySoftplus, leaky_softplus
 from .lu_net import lu_net
 from .rank_one import RankOneUpdatedLinear, rank_one_updated_linear
@@ -22,9 +24,12 @@ __all__ = [
     "FAMILIES",
     "ROLES",
     "ButterflyLinear",
+    "ChannelMixer",
     "CirculantDiagonalLinear",
     "Family",
     "FamilyRegistry",
+    "Flow",
+    "ImageMixer",
     "InvertibleLinear",
     "LULinear",
     "LeakySoftplus",
@@ -33,8 +38,10 @@ __all__ = [
     "SelfNormalizingLinear",
     "VersionedCacheModule",
     "butterfly_linear",
+    "channel_mixer",
     "circulant_diagonal_linear",
     "families",
+    "image_mixer",
     "leaky_softplus",
     "lu_linear",
     "lu_net",

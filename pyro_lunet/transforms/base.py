@@ -24,6 +24,7 @@ from torch.distributions import constraints
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..fingerprint import parameter_fingerprint
+from ._fused import Kernel
 
 __all__ = [
     "ROLES",
@@ -181,6 +182,32 @@ def optimizer_step_count() -> int:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+# Every submodule registered anywhere bumps this epoch, so a module tree's
+# layout (the dicts holding its parameters and buffers) can be kept between
+# calls: the dicts are read live, so replaced tensors (``.to()``) are seen;
+# only a new submodule changes the layout. Without torch's hook (older
+# versions) the layout is rebuilt on every call.
+_structure_epoch = [0]
+_register_module_hook = getattr(
+    torch.nn.modules.module, "register_module_module_registration_hook", None
+)
+if _register_module_hook is not None:
+
+    def _bump_structure_epoch(module, name, submodule):
+        _structure_epoch[0] += 1
+
+    _register_module_hook(_bump_structure_epoch)
+
+
+def _module_tree(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """``module`` and its descendants, depth first (a shared module may appear twice)."""
+    out = [module]
+    for child in module._modules.values():
+        if child is not None:
+            out.extend(_module_tree(child))
+    return out
+
+
 class VersionedCacheModule(TransformModule):
     """A :class:`~pyro.distributions.TransformModule` whose caches cannot go stale.
 
@@ -218,10 +245,13 @@ class VersionedCacheModule(TransformModule):
         self._cache_key: tuple | None = None
         self._cache_token: object | None = None
         self._cache_query: tuple = ((0, 0), 0, False)
+        self._cache_log_det: Tensor | None = None
         self._derived: dict[str, tuple[tuple, object]] = {}
 
     # Module's repr (with extra_repr) rather than Transform's bare "Name()".
     __repr__ = torch.nn.Module.__repr__
+
+    _cache_log_det: Tensor | None = None  # for modules unpickled from before it existed
 
     #: Buffers that change without changing the map (e.g. bookkeeping), left
     #: out of the cache key so that updating them keeps a cached pair.
@@ -257,10 +287,39 @@ class VersionedCacheModule(TransformModule):
         )
 
     def _keyed_tensors(self) -> list[Tensor]:
-        """The tensors whose in-place changes invalidate the caches."""
-        skip = self._unkeyed_buffers
-        buffers = (b for name, b in self.named_buffers() if name not in skip)
-        return [*self.parameters(), *buffers]
+        """The tensors whose in-place changes invalidate the caches.
+
+        Every parameter and buffer of the module tree, less each submodule's
+        own ``_unkeyed_buffers`` (a flow keys on its layers as they would),
+        read from the modules' own dicts on every call (``.to()`` replaces
+        buffers). ``named_modules`` would cost more than the rest of a small
+        layer's call: the dicts are found once per module structure.
+        """
+        tensors: list[Tensor] = []
+        for parameters, buffers, skip in self._tensor_layout():
+            tensors.extend(p for p in parameters.values() if p is not None)
+            tensors.extend(b for name, b in buffers.items() if b is not None and name not in skip)
+        return tensors
+
+    def _first_parameter(self) -> Tensor | None:
+        """The tree's first parameter (whose device and dtype inputs must have), or ``None``."""
+        for parameters, _, _ in self._tensor_layout():
+            for p in parameters.values():
+                if p is not None:
+                    return p
+        return None
+
+    def _tensor_layout(self) -> list[tuple[dict, dict, tuple[str, ...]]]:
+        epoch = _structure_epoch[0] if _register_module_hook is not None else None
+        cached = self.__dict__.get("_layout")
+        if epoch is not None and cached is not None and cached[0] == epoch:
+            return cached[1]
+        layout = [
+            (m._parameters, m._buffers, getattr(m, "_unkeyed_buffers", ()))
+            for m in _module_tree(self)
+        ]
+        self.__dict__["_layout"] = (epoch, layout)
+        return layout
 
     def _before_use(self) -> None:
         """Work owed since the last optimizer step, done before the module is used.
@@ -270,6 +329,42 @@ class VersionedCacheModule(TransformModule):
         rank-one family merges here). It must not change the map.
         """
 
+    def _call_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``y`` and, where it comes free with it, :math:`\\log|\\det J(x)|` (else ``None``).
+
+        A flow computes both in one pass; the cache keeps the log-determinant
+        with the pair, so ``log_prob`` after ``rsample`` reuses it.
+        """
+        return self._call(x), None
+
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``x`` and, where it comes free with it, :math:`\\log|\\det J(x)|` (else ``None``)."""
+        return self._inverse(y), None
+
+    def _kernel(self, inverse: bool) -> tuple[Kernel, tuple] | None:
+        """Optional hook: this step (``_call``, or ``_inverse`` with ``inverse``) as a
+        :class:`~pyro_lunet.transforms._fused.Kernel` and its params, or ``None``.
+
+        A flow runs consecutive kernels as one autograd node; return one only
+        where that is faster (small D) and the step is closed-form.
+        """
+        return None
+
+    def _apply_with_log_det(self, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """One uncached step of a :class:`~pyro_lunet.Flow`: the image of ``h`` and the log-det.
+
+        ``inverse=False`` maps ``x = h`` to ``y``, ``inverse=True`` maps ``y = h``
+        to ``x``; the log-determinant is the forward one, :math:`\\log|\\det
+        J(x)|`, summed over this module's event dims: a 0-dim tensor when it
+        does not depend on the point, else broadcastable to ``h``'s batch shape
+        or, for an element-wise module, ``h``'s shape. The flow has called
+        :meth:`_before_use` and checked ``h``; families override this to skip
+        their own checks and compute the log-determinant alongside.
+        """
+        out = self._inverse(h) if inverse else self._call(h)
+        x, y = (out, h) if inverse else (h, out)
+        return out, self.log_abs_det_jacobian(x, y)
+
     def __call__(self, x: Tensor) -> Tensor:
         self._before_use()
         if self._cache_size == 0:
@@ -278,8 +373,8 @@ class VersionedCacheModule(TransformModule):
         hit = self._cached(x, key, 0)
         if hit is not None:
             return hit
-        y = self._call(x)
-        self._remember(x, y, 0, key)
+        y, log_det = self._call_and_log_det(x)
+        self._remember(x, y, 0, key, log_det)
         return y
 
     def _inv_call(self, y: Tensor) -> Tensor:
@@ -290,9 +385,17 @@ class VersionedCacheModule(TransformModule):
         hit = self._cached(y, key, 1)
         if hit is not None:
             return hit
-        x = self._inverse(y)
-        self._remember(x, y, 1, key)
+        x, log_det = self._inverse_and_log_det(y)
+        self._remember(x, y, 1, key, log_det)
         return x
+
+    def _cached_log_det(self, x: Tensor, y: Tensor) -> Tensor | None:
+        """The log-determinant kept with the cached pair, if ``(x, y)`` is that pair."""
+        if self._cache_size == 0 or self._cache_log_det is None:
+            return None
+        if self._cached(x, self._state_key(), 0) is not y or y._version != self._cache_query[0][1]:
+            return None
+        return self._cache_log_det
 
     def _cached(self, query: Tensor, key: tuple, side: int) -> Tensor | None:
         """The cached partner of ``query`` (``x`` for side 0, ``y`` for 1), or ``None``."""
@@ -308,11 +411,20 @@ class VersionedCacheModule(TransformModule):
             return None
         return pair[1 - side]
 
-    def _remember(self, x: Tensor, y: Tensor, source: int, key: tuple) -> None:
+    def _remember(
+        self, x: Tensor, y: Tensor, source: int, key: tuple, log_det: Tensor | None = None
+    ) -> None:
         token = object()  # names this pair without holding it
-        self._cached_x_y, self._cache_key, self._cache_token = (x, y), key, token
         given = (x, y)[source]
-        self._cache_query = ((x._version, y._version), source, given.requires_grad)
+        # Plain attributes: written past Module.__setattr__, which costs more
+        # than the rest of this call.
+        self.__dict__.update(
+            _cached_x_y=(x, y),
+            _cache_key=key,
+            _cache_token=token,
+            _cache_log_det=log_det,
+            _cache_query=((x._version, y._version), source, given.requires_grad),
+        )
         computed = (x, y)[1 - source]
         if computed.requires_grad:
             # A backward pass through the computed tensor frees its graph: the
@@ -325,7 +437,8 @@ class VersionedCacheModule(TransformModule):
             def forget(grad: Tensor) -> None:
                 owner = module()
                 if owner is not None and owner._cache_token is token:
-                    owner._cached_x_y, owner._cache_key = (None, None), None
+                    owner.__dict__.update(_cached_x_y=(None, None), _cache_key=None)
+                    owner.__dict__["_cache_log_det"] = None
 
             computed.register_hook(forget)
 
@@ -334,6 +447,7 @@ class VersionedCacheModule(TransformModule):
         if self._cache_size:
             self._cached_x_y = None, None
         self._cache_key = None
+        self._cache_log_det = None
         self._derived = {}
 
     def _memo(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
@@ -372,7 +486,9 @@ class VersionedCacheModule(TransformModule):
         if "_cached_x_y" in state:
             state["_cached_x_y"] = None, None
         state["_cache_key"] = None
+        state["_cache_log_det"] = None
         state["_derived"] = {}
+        state.pop("_layout", None)  # holds the dicts of this very tree
         return state
 
 
@@ -473,7 +589,11 @@ class InvertibleLinear(VersionedCacheModule):
         return self._solve(y) - self._solve(self.bias.unsqueeze(0)).squeeze(0)
 
     # -------------------------------------------------------------- transform
-    _sealed = (*VersionedCacheModule._sealed, "_call", "_inverse")
+    _sealed = (*VersionedCacheModule._sealed, "_call", "_inverse", "_apply_with_log_det")
+
+    def _apply_with_log_det(self, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        rows = self._inverse_affine_rows if inverse else self._affine_rows
+        return self._batched(rows, h), self._log_abs_det()
 
     def _call(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -491,7 +611,7 @@ class InvertibleLinear(VersionedCacheModule):
         return fn(x.reshape(-1, self.input_dim)).reshape(x.shape)
 
     def _reference(self) -> Tensor:
-        return next(self.parameters())
+        return self._first_parameter()
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__

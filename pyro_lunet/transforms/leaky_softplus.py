@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import constraints
 
+from ._fused import LeakySoftplusKernel, run_kernels
+from ._fused import leaky_softplus as leaky_softplus_function
 from .base import VersionedCacheModule
 
 __all__ = ["LeakySoftplus", "leaky_softplus"]
@@ -75,7 +77,7 @@ class LeakySoftplus(VersionedCacheModule):
 
     def phi(self, x: Tensor) -> Tensor:
         r""":math:`\phi(x)`."""
-        return self.alpha * x + (1.0 - self.alpha) * F.softplus(x)
+        return leaky_softplus_function(x, self.alpha)
 
     def log_phi_prime(self, x: Tensor) -> Tensor:
         r""":math:`\log\phi'(x)`, stable for every x."""
@@ -95,6 +97,23 @@ class LeakySoftplus(VersionedCacheModule):
 
     def _inverse(self, y: Tensor) -> Tensor:
         return self.phi(y) if self.inverse else self.phi_inverse(y)
+
+    def _kernel(self, inverse: bool) -> tuple[LeakySoftplusKernel, tuple] | None:
+        # The closed-form side only: phi applied (not its Newton inverse).
+        if inverse != self.inverse:
+            return None
+        return LeakySoftplusKernel(self.alpha, -1.0 if self.inverse else 1.0), ()
+
+    def _apply_with_log_det(self, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        kernel = self._kernel(inverse)
+        if kernel is not None:
+            out, log_det = run_kernels([kernel], h.reshape(-1, h.shape[-1]))
+            return out.reshape(h.shape), log_det.reshape(h.shape[:-1])
+        # phi^-1 by Newton; log|det| at its output u is -log phi'(u) for a
+        # layer that is phi^-1, +log phi'(u) for phi run backwards.
+        u = self.phi_inverse(h)
+        log_det = self.log_phi_prime(u)
+        return u, log_det if inverse else -log_det
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         # Element-wise, like Pyro's own activations (event_dim 0).

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ._fused import LUKernel, run_kernels
 from .base import (
     InvertibleLinear,
     LegacyDirection,
@@ -21,6 +22,8 @@ __all__ = ["LULinear", "lu_linear"]
 
 # Below this size one dense GEMM beats the blocked triangular kernels.
 _BLOCK_MIN = 128
+# Below this size the product side runs as one fused autograd node.
+_FUSED_MAX = 2 * _BLOCK_MIN
 _MAX_BLOCKS = 8
 
 
@@ -220,6 +223,29 @@ class LULinear(InvertibleLinear):
         return torch.linalg.solve_triangular(upper.T, z, upper=False, left=False)
 
     product = LegacyDirection()  # deprecated: read .role
+
+    # Small D: the product side, its bias and log|det| as one kernel (one
+    # autograd node, shared with the neighbouring steps inside a flow); the
+    # base's separate passes for large D.
+    def _kernel(self, inverse: bool) -> tuple[LUKernel, tuple] | None:
+        if (
+            self.input_dim >= _FUSED_MAX
+            or inverse != (self.role == "density")
+            or not torch.is_grad_enabled()  # the memoized product is cheaper then
+        ):
+            return None
+        # role="density" inverts by x = L U (y - b), and log|det dy/dx| = -sum d_i
+        return LUKernel(subtract=inverse, log_det_sign=-1.0 if inverse else 1.0), (
+            self.packed, self.diag_sign, self.bias,
+        )  # fmt: skip
+
+    def _affine_rows(self, x: Tensor) -> Tensor:
+        kernel = self._kernel(inverse=False)
+        return super()._affine_rows(x) if kernel is None else run_kernels([kernel], x)[0]
+
+    def _inverse_affine_rows(self, y: Tensor) -> Tensor:
+        kernel = self._kernel(inverse=True)
+        return super()._inverse_affine_rows(y) if kernel is None else run_kernels([kernel], y)[0]
 
     def _matvec(self, x: Tensor) -> Tensor:
         return self._product(x) if self.role == "guide" else self._triangular_solve(x)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pyro.distributions.torch_transform import ComposeTransformModule
-
 from .base import Role, resolve_role
+from .flow import Flow
 
 __all__ = ["lu_net"]
 
@@ -20,7 +19,7 @@ def lu_net(
     init: str = "identity",
     *,
     product: Literal["forward", "inverse"] | None = None,
-) -> ComposeTransformModule:
+) -> Flow:
     r"""The LU-Net of Chan et al.: ``num_blocks`` x [LU layer, leaky softplus], then an LU layer.
 
     The paper's network

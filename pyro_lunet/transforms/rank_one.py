@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._fused import RankOneKernel
 from .base import (
     InvertibleLinear,
     Role,
@@ -21,6 +22,9 @@ from .base import (
 from .registry import register_family
 
 __all__ = ["RankOneUpdatedLinear", "rank_one_updated_linear"]
+
+# Below this size a flow runs the product side as a kernel (see _fused.py).
+_FUSED_MAX = 256
 
 # The reference code's margins around ``log_det_range`` for accepting a merge.
 _DEN_MARGIN = 4.0
@@ -317,6 +321,14 @@ class RankOneUpdatedLinear(InvertibleLinear):
             return w, 1 + self.v @ w
 
         return self._memo("update_terms", compute)
+
+    def _kernel(self, inverse: bool) -> tuple[RankOneKernel, tuple] | None:
+        # The product side with its bias and log|det| as one kernel inside a
+        # flow (see _fused.py); separate ops without a graph (memoized terms).
+        if inverse or self.input_dim >= _FUSED_MAX or not torch.is_grad_enabled():
+            return None
+        params = (self.A, self.A_inv, self.log_abs_det_A, self.u, self.v, self.bias)
+        return RankOneKernel(), params
 
     def _matvec(self, x: Tensor) -> Tensor:
         # x A^T + (x v) u^T: the GEMM's operands are a buffer and the input,

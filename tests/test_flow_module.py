@@ -1,0 +1,258 @@
+"""The fused Flow: the same map and log-dets as a chain of its parts, one cache, small-D kernels."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions.torch_transform import ComposeTransformModule
+from pyro.distributions.transforms import AffineTransform, affine_coupling, spline_coupling
+
+import pyro_lunet
+from pyro_lunet import Flow, activation_flow, coupling_flow, leaky_softplus, lu_linear, lu_net
+from pyro_lunet.transforms._fused import LeakySoftplusKernel, LUKernel, RankOneKernel, run_kernels
+
+FAMILIES = pyro_lunet.families()
+
+
+def _compose_log_det(parts, x):
+    """log|det J| and output of the parts run one at a time, as Pyro's ComposeTransform does."""
+    chain = ComposeTransformModule(parts)
+    y = chain(x)
+    return y, chain.log_abs_det_jacobian(x, y)
+
+
+@pytest.mark.parametrize("role", ["guide", "density"])
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("builder", [activation_flow, coupling_flow], ids=lambda b: b.__name__)
+def test_flow_matches_its_parts_run_one_by_one(builder, name, role):
+    torch.manual_seed(0)
+    flow = builder(6, 2, layer=name, role=role).double().eval()
+    for p in flow.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y_parts, ld_parts = _compose_log_det(flow.parts, x)
+    y, ld = flow._run(x, inverse=False)
+    torch.testing.assert_close(y, y_parts)
+    torch.testing.assert_close(ld, ld_parts)
+    x_back, ld_back = flow._run(y_parts, inverse=True)
+    torch.testing.assert_close(x_back, x, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(ld_back, ld_parts, atol=1e-8, rtol=1e-8)
+
+
+def test_flow_log_det_matches_autograd_jacobian_in_training_mode():
+    torch.manual_seed(1)
+    flow = lu_net(4, 3).double()
+    for p in flow.parameters():
+        p.data.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(4, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: flow._run(v, False)[0], x)
+    torch.testing.assert_close(flow._run(x, False)[1], torch.linalg.slogdet(jac)[1])
+
+
+@pytest.mark.parametrize("subtract", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernels_gradcheck_and_gradgradcheck(subtract, bias):
+    torch.manual_seed(2)
+    dim = 4
+    packed = (0.3 * torch.randn(dim, dim, dtype=torch.float64)).requires_grad_()
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    b = torch.randn(dim, dtype=torch.float64, requires_grad=True) if bias else None
+    x = torch.randn(3, dim, dtype=torch.float64, requires_grad=True)
+
+    def run(x, packed, *rest):
+        bias_ = rest[0] if rest else None
+        steps = [
+            (LUKernel(subtract, -1.0 if subtract else 1.0), (packed, sign, bias_)),
+            (LeakySoftplusKernel(0.2, 1.0), ()),
+            (LUKernel(False, 1.0), (packed * 0.5, sign, None)),
+            (LeakySoftplusKernel(0.3, -1.0), ()),
+        ]
+        out, log_det = run_kernels(steps, x)
+        return out, log_det
+
+    inputs = (x, packed) + ((b,) if bias else ())
+    assert torch.autograd.gradcheck(run, inputs)
+    assert torch.autograd.gradgradcheck(run, inputs)
+
+
+def test_kernel_run_matches_reference_ops():
+    torch.manual_seed(3)
+    dim = 5
+    packed = 0.3 * torch.randn(dim, dim, dtype=torch.float64)
+    sign = torch.ones(dim, dtype=torch.float64)
+    bias = torch.randn(dim, dtype=torch.float64)
+    h = torch.randn(7, dim, dtype=torch.float64)
+    for kernel, params in [
+        (LUKernel(False, 1.0), (packed, sign, bias)),
+        (LUKernel(True, -1.0), (packed, sign, bias)),
+        (LeakySoftplusKernel(0.1, 1.0), ()),
+        (LeakySoftplusKernel(0.1, -1.0), ()),
+    ]:
+        out, log_det, _ = kernel.forward(h, params)
+        ref_out, ref_log_det = kernel.reference(h, params)
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(log_det, ref_log_det)
+
+
+def test_rsample_then_log_prob_runs_the_flow_once():
+    flow = lu_net(3, 2)
+    model = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), flow)
+    calls = []
+    original = flow._run
+    flow._run = lambda h, inverse: calls.append(inverse) or original(h, inverse)
+    z = model.rsample((4,))
+    model.log_prob(z).sum().backward()
+    assert calls == [False]
+
+
+def test_flow_cache_is_not_served_after_an_optimizer_step():
+    torch.manual_seed(4)
+    flow = coupling_flow(4, 2, layer="lu", role="density")
+    model = dist.TransformedDistribution(dist.Normal(torch.zeros(4), 1.0).to_event(1), flow)
+    data = torch.randn(16, 4)  # the same tensor every step, as full-batch training does
+    opt = torch.optim.Adam(flow.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = -model.log_prob(data).mean()
+        loss.backward()
+        opt.step()
+    fresh = copy.deepcopy(flow)  # no cache at all, not even in Pyro's couplings
+    model_fresh = dist.TransformedDistribution(dist.Normal(torch.zeros(4), 1.0).to_event(1), fresh)
+    torch.testing.assert_close(model.log_prob(data), model_fresh.log_prob(data.clone()))
+
+
+def test_foreign_parts_and_nested_flows():
+    torch.manual_seed(5)
+    inner = Flow([lu_linear(4), leaky_softplus()])
+    parts = [
+        AffineTransform(torch.zeros(4), 2.0 * torch.ones(4), event_dim=1),
+        inner,
+        affine_coupling(4),
+        spline_coupling(4),
+        lu_linear(4, init="orthogonal"),
+    ]
+    flow = Flow(parts).double()
+    parts[0] = AffineTransform(torch.zeros(4).double(), 2.0 * torch.ones(4).double(), event_dim=1)
+    flow = Flow(parts).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y, ld = flow._run(x, False)
+    jac = torch.stack(
+        [torch.autograd.functional.jacobian(lambda v: flow._run(v, False)[0], row) for row in x]
+    )
+    torch.testing.assert_close(ld, torch.linalg.slogdet(jac)[1])
+    torch.testing.assert_close(flow._run(y, True)[0], x, atol=1e-6, rtol=1e-6)
+
+
+def test_state_dicts_are_interchangeable_with_compose_transform_module():
+    torch.manual_seed(6)
+    flow = lu_net(3, 2)
+    chain = ComposeTransformModule(
+        [lu_linear(3), leaky_softplus(), lu_linear(3), leaky_softplus(), lu_linear(3)]
+    )
+    chain.load_state_dict(flow.state_dict())
+    flow2 = lu_net(3, 2)
+    flow2.load_state_dict(chain.state_dict())
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(flow2(x), chain(x))
+        torch.testing.assert_close(flow(x), chain(x))
+
+
+def test_used_flow_pickles_and_deep_copies():
+    flow = activation_flow(3, 2, layer="butterfly")
+    model = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), flow)
+    z = model.rsample((2,))
+    model.log_prob(z).sum().backward()
+    for clone in (copy.deepcopy(flow), pickle.loads(pickle.dumps(flow))):
+        assert [type(p) for p in clone.parts] == [type(p) for p in flow.parts]
+        assert all(a is b for a, b in zip(clone.parts, clone.children()))
+        x = torch.randn(4, 3)
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), flow(x))
+
+
+def test_inspection_and_empty_batches():
+    flow = lu_net(3, 1)
+    assert len(flow) == 3 and flow[1] is flow.parts[1] and list(flow) == flow.parts
+    y = flow(torch.zeros(0, 3))
+    assert y.shape == (0, 3)
+    assert flow.log_abs_det_jacobian(torch.zeros(0, 3), y).shape == (0,)
+
+
+def test_bad_inputs_and_parts_raise_clear_errors():
+    flow = lu_net(3, 1)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 3\), got \(2, 4\)"):
+        flow(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="float64"):
+        flow(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="must be Transforms"):
+        Flow([lu_linear(3), torch.nn.Linear(3, 3)])
+    with pytest.raises(ValueError, match="at most that many event dims"):
+        Flow([torch.distributions.transforms.ReshapeTransform((4,), (2, 2))])
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_affine_coupling_kernel_matches_pyros_own_gradients(inverse):
+    """Pyro's AffineCoupling run as a kernel: same values and gradients, clamping included."""
+    torch.manual_seed(7)
+    part = affine_coupling(5, hidden_dims=[7, 6]).double()
+    with torch.no_grad():
+        part.nn.layers[-1].bias[3:] = torch.tensor([6.0, -9.0, 0.5], dtype=torch.float64)
+    params = list(part.parameters())
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+
+    def loss_of(out, log_det):
+        return (out * weights[0]).sum() + (log_det * weights[1]).sum()
+
+    flow = Flow([part])
+    out, log_det = flow._run(x, inverse)
+    got = torch.autograd.grad(loss_of(out, log_det), [x, *params])
+    fresh = part
+    ref_out = fresh._inverse(x) if inverse else fresh._call(x)
+    ref_log_det = fresh.log_abs_det_jacobian(*((ref_out, x) if inverse else (x, ref_out)))
+    want = torch.autograd.grad(loss_of(ref_out, ref_log_det), [x, *params], retain_graph=True)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(log_det, ref_log_det)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    # and gradients of gradients, through the reference ops
+    (gx,) = torch.autograd.grad(loss_of(*flow._run(x, inverse)), x, create_graph=True)
+    (gx_ref,) = torch.autograd.grad(loss_of(ref_out, ref_log_det), x, create_graph=True)
+    second = torch.autograd.grad(gx.square().sum(), params[0])
+    second_ref = torch.autograd.grad(gx_ref.square().sum(), params[0])
+    torch.testing.assert_close(second, second_ref)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_rank_one_kernel_gradcheck_and_gradgradcheck(bias):
+    torch.manual_seed(8)
+    dim = 4
+    a = torch.randn(dim, dim, dtype=torch.float64) + 3 * torch.eye(dim, dtype=torch.float64)
+    a_inv = torch.linalg.inv(a)
+    log_abs_det_a = torch.linalg.slogdet(a)[1]
+    u = (0.3 * torch.randn(dim, dtype=torch.float64)).requires_grad_()
+    v = torch.randn(dim, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(dim, dtype=torch.float64, requires_grad=True) if bias else None
+    x = torch.randn(3, dim, dtype=torch.float64, requires_grad=True)
+
+    def run(x, u, v, *rest):
+        params = (a, a_inv, log_abs_det_a, u, v, rest[0] if rest else None)
+        steps = [(RankOneKernel(), params), (LeakySoftplusKernel(0.2, 1.0), ())]
+        return run_kernels(steps, x)
+
+    inputs = (x, u, v) + ((b,) if bias else ())
+    assert torch.autograd.gradcheck(run, inputs)
+    assert torch.autograd.gradgradcheck(run, inputs)
+    out, log_det = run(*inputs)
+    dense = a + torch.outer(u, v)
+    torch.testing.assert_close(
+        log_det,
+        torch.linalg.slogdet(dense)[1]
+        + LeakySoftplusKernel(0.2, 1.0).reference(x @ dense.T + (b if bias else 0), ())[1],
+    )
