@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.distributions.transforms import AffineCoupling, AffineTransform, affine_coupling
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
@@ -21,6 +20,7 @@ from pyro.nn import DenseNN, PyroParam
 from torch.distributions import biject_to
 
 from .flows import activation_flow, coupling_flow, layer_factory
+from .transforms.flow import Flow
 from .transforms.registry import FAMILIES
 
 __all__ = ["AutoFlowNormal", "default_flow_config"]
@@ -332,7 +332,7 @@ class AutoFlowNormal(AutoContinuous):
                                    hidden_dims=hidden, **kwargs)  # fmt: skip
             last = affine_coupling(self.latent_dim, hidden_dims=hidden, split_dim=split,
                                    **coupling_kwargs)  # fmt: skip
-            return ComposeTransformModule([*mixing.parts, last])
+            return Flow([*mixing.parts, last], input_dim=self.latent_dim)
         return activation_flow(self.latent_dim, config["num_blocks"], layer=self.layer,
                                role="guide", **kwargs)  # fmt: skip
 
@@ -352,7 +352,7 @@ class AutoFlowNormal(AutoContinuous):
             parts.append(_tanh_coupling(dim, hidden, dim // 2, coupling_kwargs))
         parts.append(later(dim) if blocks > 1 else first(dim))
         parts.append(_tanh_coupling(dim, hidden, split, coupling_kwargs))
-        return ComposeTransformModule(parts)
+        return Flow(parts, input_dim=dim)
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
