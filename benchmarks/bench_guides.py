@@ -1,31 +1,45 @@
-"""Variational guides from pyro-lunet's builders against Pyro's autoguides.
+"""Variational guides on five posteriors: Pyro's autoguides against ``AutoFlowNormal``, in one run.
 
-Fits each guide on three standard posteriors and prints, per guide: the error
-of the posterior means (|mean - ref| / ref sd, averaged over all latent
-coordinates), of the standard deviations (|sd / ref sd - 1|, averaged), the
-final ELBO (4000 particles), the PSIS k-hat (4000 draws) and the wall time
-of the fit. References: closed form for the funnel, NUTS for the others.
+For every model and guide: fit with the same protocol (``--steps`` SVI steps,
+``ClippedAdam(lr=5e-3)`` decayed by ``0.9995`` per step at 4000 steps, i.e.
+to the same final rate at any step count, ``Trace_ELBO(num_particles=4,
+vectorize_particles=True)``), then from 4000 guide draws report
 
-    python benchmarks/bench_guides.py [--steps 1000] [--quick]
+* mean err: max over latent coordinates of ``|mean - ref mean| / ref sd``;
+* sd err: max over coordinates of ``|sd / ref sd - 1|``;
+* k-hat: the PSIS Pareto k-hat (``pyro_lunet.psis_khat``; < 0.5 good, > 0.7 do not trust);
+* fit s: the wall time of the fit (one thread).
 
-Models: Neal's funnel (scale 1.5, 5-D), eight schools (non-centered), and a
-Bayesian logistic regression on scikit-learn's breast-cancer data
-(standardized, 30 features + intercept, N(0, 1) priors).
+References (``benchmarks/references/*.json``, written by
+``benchmarks/nuts_references.py``): exact draws for the funnel, banana and
+two modes, NUTS for eight schools and the logistic regression. The guides:
+``AutoNormal``, ``AutoMultivariateNormal``, ``AutoIAFNormal`` and
+``AutoBNAFNormal`` (Pyro 1.9 has none: NumPyro's, written as
+``AutoNormalizingFlow(model, block_autoregressive)``) at Pyro's defaults, and
+``AutoFlowNormal`` at its defaults with each family. At the end, the issue's targets for
+``AutoFlowNormal`` with its default family (``lu``) against ``AutoIAFNormal``.
+
+    python benchmarks/bench_guides.py            # full: 5 models, 4000 steps
+    python benchmarks/bench_guides.py --quick    # 2 models, 300 steps: a couple of minutes
+    python benchmarks/bench_guides.py --jobs 2   # models in 2 processes (one thread each)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
+import platform
+import subprocess
 import time
 import warnings
-from functools import partial
+from pathlib import Path
 
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from guide_models import MODELS
+from pyro.distributions.transforms import block_autoregressive
+from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import (
     AutoIAFNormal,
     AutoMultivariateNormal,
@@ -33,131 +47,162 @@ from pyro.infer.autoguide import (
     AutoNormalizingFlow,
 )
 
-from pyro_lunet import PenalizedELBO, activation_flow, coupling_flow, psis_khat, to_inference_data
+from pyro_lunet import AutoFlowNormal, families, psis_khat, to_inference_data
 
 logging.getLogger("pyro").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message="the model and guide could not be vectorized")
+
+REFERENCES = Path(__file__).resolve().parent / "references"
 
 
-# ------------------------------------------------------------------ models
-def funnel():
-    y = pyro.sample("y", dist.Normal(0.0, 1.5))
-    scale = (y / 2).exp().unsqueeze(-1).expand(*y.shape, 4)
-    pyro.sample("x", dist.Normal(0.0, scale).to_event(1))
+def AutoBNAFNormal(model):  # noqa: N802 (numpyro's name; Pyro 1.9 has no such class)
+    """A block neural autoregressive flow guide, NumPyro's ``AutoBNAFNormal`` in Pyro:
+    one :func:`~pyro.distributions.transforms.block_autoregressive` at its defaults."""
+    return AutoNormalizingFlow(model, block_autoregressive)
 
 
-FUNNEL_REF = {  # closed form: sd x = sqrt(E e^y) = e^{1.5^2 / 4}
-    "y": (torch.tensor(0.0), torch.tensor(1.5)),
-    "x": (torch.zeros(4), torch.full((4,), math.exp(1.5**2 / 4))),
-}
-
-SCHOOLS_Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
-SCHOOLS_SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
-
-
-def eight_schools():
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("schools", 8):
-        eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
-        pyro.sample("obs", dist.Normal(mu + tau * eta, SCHOOLS_SIGMA), obs=SCHOOLS_Y)
-
-
-def breast_cancer():
-    from sklearn.datasets import load_breast_cancer
-
-    data = load_breast_cancer()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    x = (x - x.mean(0)) / x.std(0)
-    y = torch.tensor(data.target, dtype=torch.float32)
-
-    def logistic():
-        w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[1]), 1.0).to_event(1))
-        b = pyro.sample("b", dist.Normal(0.0, 1.0))
-        with pyro.plate("data", x.shape[0]):
-            logits = (w * x).sum(-1) + b  # broadcasts over vectorized particles
-            pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
-
-    return logistic
-
-
-def nuts_reference(model, warmup, samples, seed=0):
-    pyro.set_rng_seed(seed)
-    mcmc = MCMC(NUTS(model, jit_compile=True, ignore_jit_warnings=True), warmup_steps=warmup,
-                num_samples=samples, disable_progbar=True)  # fmt: skip
-    start = time.perf_counter()
-    mcmc.run()
-    draws = mcmc.get_samples()
-    ref = {k: (v.mean(0), v.std(0)) for k, v in draws.items()}
-    return ref, time.perf_counter() - start
-
-
-# ------------------------------------------------------------------ guides
 GUIDES = {
-    "AutoNormal": lambda m: AutoNormal(m),
-    "AutoMultivariateNormal": lambda m: AutoMultivariateNormal(m),
-    "AutoIAFNormal": lambda m: AutoIAFNormal(m, num_transforms=2),
-    "coupling_flow(lu)": lambda m: AutoNormalizingFlow(m, partial(coupling_flow, num_blocks=2)),
-    "coupling_flow(butterfly)": lambda m: AutoNormalizingFlow(
-        m, partial(coupling_flow, num_blocks=2, layer="butterfly")
-    ),
-    "activation_flow(lu)": lambda m: AutoNormalizingFlow(m, partial(activation_flow, num_blocks=3)),
+    "AutoNormal": AutoNormal,
+    "AutoMultivariateNormal": AutoMultivariateNormal,
+    "AutoIAFNormal": AutoIAFNormal,
+    "AutoBNAFNormal": AutoBNAFNormal,
+    **{
+        f"AutoFlowNormal({name})": (lambda m, n=name: AutoFlowNormal(m, layer=n))
+        for name in families()
+    },  # fmt: skip
 }
+TARGET_KHAT = {"funnel": 0.4, "schools": 0.5, "logistic": 0.3}
 
 
-def fit(model, make_guide, steps, seed=0, particles=8, lr=1e-2):
+def load_reference(name: str) -> tuple[dict, str]:
+    path = REFERENCES / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run benchmarks/nuts_references.py first")
+    record = json.loads(path.read_text())
+    ref = {
+        site: (
+            torch.tensor(v["mean"]).reshape(v["shape"]),
+            torch.tensor(v["sd"]).reshape(v["shape"]),
+        )
+        for site, v in record["sites"].items()
+    }
+    return ref, record["source"]
+
+
+def fit(model, make_guide, steps: int, seed: int = 0, particles: int = 4, lr: float = 5e-3):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     guide = make_guide(model)
-    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / steps)})
-    elbo = PenalizedELBO(Trace_ELBO(num_particles=particles, vectorize_particles=True), optim)
-    svi = SVI(model, guide, optim, elbo)
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.9995 ** (4000 / steps)})
+    svi = SVI(model, guide, optim, Trace_ELBO(num_particles=particles, vectorize_particles=True))
     start = time.perf_counter()
     for _ in range(steps):
         svi.step()
     return guide, time.perf_counter() - start
 
 
-def evaluate(model, guide, ref):
+def evaluate(model, guide, ref, draws: int = 4000) -> tuple[float, float, float]:
+    """(max |mean error| in ref sds, max |sd ratio - 1|, PSIS k-hat)."""
     pyro.set_rng_seed(1)
-    post = to_inference_data(model, guide, num_samples=4000).posterior
+    post = to_inference_data(model, guide, num_samples=draws).posterior
     mean_err, sd_err = [], []
     for name, (mean, sd) in ref.items():
-        draws = torch.as_tensor(post[name].values).flatten(0, 1)
-        mean_err.append(((draws.mean(0) - mean).abs() / sd).flatten())
-        sd_err.append((draws.std(0) / sd - 1).abs().flatten())
+        if name not in post:
+            continue
+        values = torch.as_tensor(post[name].values, dtype=torch.float64).flatten(0, 1)
+        mean_err.append(((values.mean(0) - mean) / sd).abs().flatten())
+        sd_err.append((values.std(0) / sd - 1).abs().flatten())
     pyro.set_rng_seed(2)
-    with torch.no_grad():
-        elbo = -Trace_ELBO(num_particles=4000, vectorize_particles=True).loss(model, guide)
-    pyro.set_rng_seed(3)
-    khat = psis_khat(model, guide, num_samples=4000)
-    return torch.cat(mean_err).mean().item(), torch.cat(sd_err).mean().item(), elbo, khat
+    khat = float(psis_khat(model, guide, num_samples=draws))
+    return torch.cat(mean_err).max().item(), torch.cat(sd_err).max().item(), khat
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
+                     if ln.startswith("Model name"))  # fmt: skip
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    threads = torch.get_num_threads()
+    return f"{model}; torch {torch.__version__}, pyro {pyro.__version__}, {threads} thread(s)"
+
+
+def run_model(key: str, guides, steps: int, seed: int = 0) -> tuple[dict, str]:
+    """Every guide on one model: ``({(model, guide): cells}, the printed table)``."""
+    torch.set_num_threads(1)
+    label, model = MODELS[key]
+    ref, source = load_reference(key)
+    header = f"{'guide':32s} {'mean err':>9s} {'sd err':>8s} {'k-hat':>7s} {'fit s':>7s}"
+    lines = [f"\n== {label}  (reference: {source}; {steps} steps, 4 particles)", header]
+    results = {}
+    for name in guides:
+        try:
+            guide, secs = fit(model, GUIDES[name], steps, seed)
+            cells = (*evaluate(model, guide, ref), secs)
+        except Exception as error:  # a failing guide is a row, not the end of the run
+            reason = (str(error).splitlines() or [""])[0][:120]
+            lines.append(f"{name:32s} failed: {type(error).__name__}: {reason}")
+            continue
+        results[key, name] = cells
+        lines.append(f"{name:32s} {cells[0]:9.3f} {cells[1]:8.3f} {cells[2]:7.2f} {cells[3]:7.1f}")
+    return results, "\n".join(lines)
+
+
+def run(models, guides, steps: int, seed: int = 0, jobs: int = 1) -> dict:
+    """All models; with ``jobs > 1`` the models run in that many worker processes (one
+    thread each; every guide of a model runs in the same process, so its times compare)."""
+    results = {}
+    if jobs <= 1:
+        for key in models:
+            part, table = run_model(key, guides, steps, seed)
+            print(table, flush=True)
+            results.update(part)
+        return results
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs) as pool:
+        futures = [pool.submit(run_model, key, guides, steps, seed) for key in models]
+        for future in futures:
+            part, table = future.result()
+            print(table, flush=True)
+            results.update(part)
+    return results
+
+
+def check_targets(results: dict, models) -> None:
+    ours, theirs = "AutoFlowNormal(lu)", "AutoIAFNormal"
+    print(f"\n== targets: {ours} against {theirs}")
+    for key in models:
+        if (key, ours) not in results or (key, theirs) not in results:
+            continue
+        (m, _, k, t), (m0, _, k0, t0) = results[key, ours], results[key, theirs]
+        checks = [f"k-hat {k:.2f} < {k0:.2f}: {'ok' if k < k0 else 'MISS'}",
+                  f"mean err {m:.3f} <= {m0:.3f}: {'ok' if m <= m0 else 'MISS'}",
+                  f"time {t:.0f} s <= {t0:.0f} s: {'ok' if t <= t0 else 'MISS'}"]  # fmt: skip
+        if key in TARGET_KHAT:
+            bound = TARGET_KHAT[key]
+            checks.append(f"k-hat < {bound}: {'ok' if k < bound else 'MISS'}")
+        print(f"{key:10s} " + "; ".join(checks))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--quick", action="store_true", help="fewer NUTS draws and steps")
+    parser.add_argument("--quick", action="store_true", help="2 models, 300 steps")
+    parser.add_argument("--steps", type=int, default=None, help="SVI steps (default 4000)")
+    parser.add_argument("--models", nargs="*", choices=list(MODELS), default=None)
+    parser.add_argument("--guides", nargs="*", choices=list(GUIDES), default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="models run in parallel processes")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    steps = 300 if args.quick else args.steps
-    warm, draws = (100, 200) if args.quick else (300, 600)
-    logistic = breast_cancer()
-    problems = [("funnel (5-D)", funnel, FUNNEL_REF, "closed form")]
-    for label, model in [("eight schools", eight_schools), ("logistic (31-D)", logistic)]:
-        ref, secs = nuts_reference(model, warm, draws)
-        problems.append((label, model, ref, f"NUTS {warm}+{draws}, {secs:.0f} s"))
-    header = (
-        f"{'guide':26s} {'mean err':>9s} {'sd err':>8s} {'ELBO':>10s} {'k-hat':>7s} {'fit s':>7s}"
-    )
-    for label, model, ref, source in problems:
-        print(f"\n== {label}  (reference: {source}; {steps} steps, 8 particles)")
-        print(header)
-        for name, make in GUIDES.items():
-            guide, secs = fit(model, make, steps)
-            mean_err, sd_err, elbo, khat = evaluate(model, guide, ref)
-            row = f"{mean_err:9.3f} {sd_err:8.3f} {elbo:10.3f} {khat.khat:7.2f} {secs:7.1f}"
-            print(f"{name:26s} {row}", flush=True)
+    steps = args.steps or (300 if args.quick else 4000)
+    models = args.models or (["funnel", "banana"] if args.quick else list(MODELS))
+    guides = args.guides or list(GUIDES)
+    print(f"machine: {machine()}")
+    results = run(models, guides, steps, args.seed, args.jobs)
+    check_targets(results, models)
 
 
 if __name__ == "__main__":

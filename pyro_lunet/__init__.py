@@ -1,6 +1,7 @@
 """pyro-lunet: structured invertible linear layers for normalizing flows in Pyro."""
 
 from . import datasets as datasets
+from .autoguide import AutoFlowNormal
 from .conditional import (
     ConditionalFlow,
     ConditionalStructuredLinear,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     *_transforms_all,
     "ActNorm",
+    "AutoFlowNormal",
     "ConvAffineCoupling",
     "ConditionalFlow",
     "ConditionalStructuredLinear",

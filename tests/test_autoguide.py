@@ -1,0 +1,238 @@
+"""AutoFlowNormal: a flow autoguide over every family, checked against closed-form answers."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide.initialization import init_to_mean, init_to_value
+
+import pyro_lunet
+from pyro_lunet import AutoFlowNormal, psis_khat, to_inference_data
+from pyro_lunet.autoguide import default_flow_config
+
+Y = torch.tensor([[0.3, 1.9], [1.2, 2.4], [-0.4, 1.1], [0.9, 2.8]])  # 4 observations of 2-D
+
+
+def conjugate(y=Y):
+    """mu ~ N(0, I_2), y_i ~ N(mu, I_2): posterior N(sum y / (n + 1), I / (n + 1))."""
+    with pyro.plate("coords", 2, dim=-1):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros((), dtype=y.dtype), 1.0))
+        with pyro.plate("data", y.shape[0], dim=-2):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def hierarchical():
+    """A positive site (log-normal), a plated site and a vector site: 1 + 3 + 2 = 6 latents."""
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 0.5))
+    with pyro.plate("groups", 3):
+        pyro.sample("theta", dist.Normal(0.0, scale))
+    pyro.sample("v", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+def scalar_model():
+    pyro.sample("s", dist.Normal(1.0, 2.0))
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def test_conjugate_posterior_recovered(one_thread):
+    n = Y.shape[0]
+    post_mean, post_sd = Y.sum(0) / (n + 1), math.sqrt(1 / (n + 1))
+    guide = AutoFlowNormal(conjugate)
+    elbo = Trace_ELBO(num_particles=16, vectorize_particles=True)
+    svi = SVI(conjugate, guide, pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.99}), elbo)
+    for _ in range(300):
+        svi.step()
+    with torch.no_grad():
+        draws = guide.get_posterior().sample((20000,))
+    assert torch.allclose(draws.mean(0), post_mean, atol=0.05), (draws.mean(0), post_mean)
+    assert torch.allclose(draws.std(0), torch.full((2,), post_sd), rtol=0.1), draws.std(0)
+    # the summaries agree with the closed form too
+    assert torch.allclose(guide.median()["mu"], post_mean, atol=0.06)
+    q = guide.quantiles([0.1, 0.9])["mu"]
+    z = 1.2815515655446004  # Phi^-1(0.9)
+    expected = torch.stack([post_mean - z * post_sd, post_mean + z * post_sd])
+    assert torch.allclose(q, expected, atol=0.08), (q, expected)
+    assert float(psis_khat(conjugate, guide, num_samples=1000)) < 0.5
+
+
+@pytest.mark.parametrize("layer", pyro_lunet.families())
+@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO], ids=lambda e: e.__name__)
+def test_every_family_takes_an_svi_step(layer, elbo):
+    guide = AutoFlowNormal(hierarchical, layer=layer)
+    svi = SVI(hierarchical, guide, pyro.optim.Adam({"lr": 1e-2}), elbo())
+    before = None
+    for _ in range(2):
+        loss = svi.step()
+        assert math.isfinite(loss)
+        if before is None:
+            before = {k: v.detach().clone() for k, v in guide.named_parameters()}
+    moved = [k for k, v in guide.named_parameters() if not torch.equal(before[k], v.detach())]
+    assert any(k.startswith("flow.") for k in moved), moved  # the flow is trained, not only loc
+    assert guide.config["architecture"] == "coupling"
+
+
+@pytest.mark.parametrize("layer", ["lu", "circulant"])
+def test_activation_architecture(layer):
+    guide = AutoFlowNormal(hierarchical, layer=layer, architecture="activation", num_blocks=2)
+    svi = SVI(hierarchical, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    assert math.isfinite(svi.step())
+    assert not any(isinstance(m, pyro.distributions.transforms.AffineCoupling)
+                   for m in guide.modules())  # fmt: skip
+
+
+@pytest.mark.parametrize("layer", ["lu", "butterfly"])
+def test_tanh_couplings(layer):
+    guide = AutoFlowNormal(hierarchical, layer=layer, coupling_nonlinearity="tanh")
+    svi = SVI(hierarchical, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    assert math.isfinite(svi.step())
+    nets = [
+        m.nn for m in guide.modules() if isinstance(m, pyro.distributions.transforms.AffineCoupling)
+    ]
+    assert len(nets) == 3 and all(isinstance(n.f, torch.nn.Tanh) for n in nets)
+    # the last coupling conditions the later sites on the leading one ("scale", 1 coordinate)
+    assert guide.flow[-1].split_dim == 1
+
+
+def test_scalar_model_uses_activation_flow():
+    guide = AutoFlowNormal(scalar_model)
+    guide()
+    assert guide.latent_dim == 1 and guide.config["architecture"] == "activation"
+    with pytest.raises(ValueError, match="latent dimension >= 2"):
+        AutoFlowNormal(scalar_model, architecture="coupling")()
+
+
+def test_vectorized_particles_match_one_at_a_time():
+    guide = AutoFlowNormal(hierarchical, layer="butterfly")
+    elbo = Trace_ELBO(num_particles=5, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(hierarchical, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    for _ in range(3):
+        assert math.isfinite(svi.step())
+    # The guide's density of a batch of its draws is the density of each draw.
+    posterior = guide.get_posterior()
+    with torch.no_grad():
+        draws = posterior.sample((6,))
+        batched = posterior.log_prob(draws)
+        rows = torch.stack([guide.get_posterior().log_prob(d.clone()) for d in draws])
+    assert batched.shape == (6,)
+    assert torch.allclose(batched, rows, atol=1e-5), (batched, rows)
+
+
+@pytest.mark.parametrize(("model", "args"), [(conjugate, (Y,)), (hierarchical, ())])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_predictive(model, args, parallel):
+    guide = AutoFlowNormal(model)
+    guide(*args)
+    gaussian = AutoNormal(model)  # the shapes Pyro's own autoguides give
+    samples = Predictive(model, guide=guide, num_samples=11, parallel=parallel)(*args)
+    expected = Predictive(model, guide=gaussian, num_samples=11, parallel=parallel)(*args)
+    assert {k: v.shape for k, v in samples.items()} == {k: v.shape for k, v in expected.items()}
+    for name in guide.prototype_trace.stochastic_nodes:  # the latent sites vary
+        assert samples[name].shape[0] == 11 and (samples[name].std(0) > 0).all()
+
+
+@pytest.mark.parametrize("architecture", ["coupling", "activation"])
+def test_init_loc_fn_is_the_median_at_init(architecture):
+    values = {"scale": torch.tensor(2.0), "theta": torch.tensor([-1.0, 0.5, 3.0]),
+              "v": torch.tensor([0.25, -0.75])}  # fmt: skip
+    guide = AutoFlowNormal(hierarchical, architecture=architecture,
+                           init_loc_fn=init_to_value(values=values))  # fmt: skip
+    median = guide.median()
+    assert set(median) == set(values)
+    for name, value in values.items():
+        assert median[name].shape == value.shape
+        assert torch.allclose(median[name], value, atol=1e-5), (name, median[name], value)
+
+
+def test_init_to_mean_honoured():
+    guide = AutoFlowNormal(hierarchical, init_loc_fn=init_to_mean)
+    median = guide.median()
+    assert torch.allclose(median["scale"], torch.tensor(math.exp(0.5**2 / 2)), atol=1e-5)
+    assert torch.allclose(median["v"], torch.zeros(2), atol=1e-6)
+
+
+def test_quantiles_at_init_are_the_gaussian_ones():
+    # At initialization the coupling flow is a rotation, so the guide is N(init, init_scale^2 I)
+    # in unconstrained space; quantiles of a positive site are exp of those.
+    values = {"scale": torch.tensor(2.0), "theta": torch.zeros(3), "v": torch.tensor([1.0, -1.0])}
+    guide = AutoFlowNormal(hierarchical, init_loc_fn=init_to_value(values=values), init_scale=0.5,
+                           num_quantile_samples=40000)  # fmt: skip
+    probs = [0.05, 0.5, 0.95]
+    q = guide.quantiles(probs)
+    assert q["scale"].shape == (3,) and q["theta"].shape == (3, 3) and q["v"].shape == (3, 2)
+    z = torch.tensor([-1.6448536, 0.0, 1.6448536])
+    assert torch.allclose(q["scale"], (math.log(2.0) + 0.5 * z).exp(), rtol=0.03)
+    assert torch.allclose(q["v"], torch.tensor([1.0, -1.0]) + 0.5 * z[:, None], atol=0.03)
+    assert (q["theta"].diff(dim=0) > 0).all()
+    assert guide.quantiles(torch.tensor([0.5]))["v"].shape == (1, 2)
+
+
+def test_float64_model_gives_float64_guide():
+    y = Y.double()
+    guide = AutoFlowNormal(conjugate, layer="butterfly")
+    svi = SVI(conjugate, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    assert math.isfinite(svi.step(y))
+    assert {p.dtype for p in guide.parameters()} == {torch.float64}
+    assert guide.median(y)["mu"].dtype == torch.float64
+    assert guide.quantiles([0.5], y)["mu"].dtype == torch.float64
+
+
+def test_diagnostics_accept_the_guide():
+    guide = AutoFlowNormal(hierarchical)
+    guide()
+    idata = to_inference_data(hierarchical, guide, num_samples=100)
+    assert dict(idata.posterior["theta"].sizes) == {"chain": 1, "draw": 100, "theta_dim_0": 3}
+    khat = psis_khat(hierarchical, guide, num_samples=200)
+    assert math.isfinite(float(khat)) or float(khat) == -math.inf
+
+
+def test_default_config_by_dimension():
+    assert default_flow_config(1)["architecture"] == "activation"
+    for dim in (2, 10, 31, 200):
+        config = default_flow_config(dim)
+        assert config["architecture"] == "coupling" and config["num_blocks"] >= 1
+    with pytest.raises(ValueError, match="latent_dim"):
+        default_flow_config(0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"layer": "nope"}, r"one of the families \['lu'.*got 'nope'"),
+        ({"layer": 3}, "got 3"),
+        ({"init_scale": 0.0}, "init_scale must be a positive finite number, got 0.0"),
+        ({"init_scale": -1.0}, "positive finite number, got -1.0"),
+        ({"init_scale": float("nan")}, "got nan"),
+        ({"init_scale": "big"}, "got 'big'"),
+        ({"architecture": "dense"}, r"architecture must be one of \['coupling', 'activation'\]"),
+        ({"num_blocks": -1}, "num_blocks must be an int >= 0, got -1"),
+        ({"hidden_dims": [0]}, r"hidden_dims must be a non-empty list of positive ints, got \[0\]"),
+        ({"architecture": "activation", "hidden_dims": [8]}, "hidden_dims applies to"),
+        ({"init_loc_fn": 1.0}, "init_loc_fn must be callable, got 1.0"),
+        ({"num_quantile_samples": 0}, "num_quantile_samples must be an int >= 1, got 0"),
+        ({"coupling_nonlinearity": "gelu"}, "must be 'relu' or 'tanh', got 'gelu'"),
+    ],
+)
+def test_bad_arguments_name_expected_and_got(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoFlowNormal(hierarchical, **kwargs)
+
+
+def test_bad_quantiles():
+    guide = AutoFlowNormal(hierarchical)
+    with pytest.raises(ValueError, match=r"quantiles must lie in \[0, 1\], got \[0.5, 1.5\]"):
+        guide.quantiles([0.5, 1.5])
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        guide.quantiles([])
