@@ -53,6 +53,7 @@ from .transforms.base import (
     check_choice,
     check_input_dim,
     check_positive_int,
+    check_vector_input,
 )
 from .transforms.registry import FAMILIES
 
@@ -318,17 +319,7 @@ class ConditionedStructuredLinear(VersionedCacheModule):
 
     def _check(self, x: Tensor) -> None:
         name = type(self).__name__
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{name} expects a Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.input_dim:
-            raise ValueError(
-                f"{name} expects inputs of shape (..., {self.input_dim}), got {tuple(x.shape)}"
-            )
-        ref = self.context
-        if x.dtype != ref.dtype:
-            raise ValueError(f"{name} expects dtype {ref.dtype}, got {x.dtype}")
-        if x.device != ref.device:
-            raise ValueError(f"{name} expects device {ref.device}, got {x.device}")
+        check_vector_input(name, x, self.input_dim, self.context)
         try:
             _broadcast(x.shape[:-1], self._context_batch)
         except RuntimeError:

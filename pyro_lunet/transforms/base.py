@@ -35,6 +35,7 @@ __all__ = [
     "check_input_dim",
     "check_positive_int",
     "check_square_matrix",
+    "check_vector_input",
     "haar_orthogonal",
     "random_signs",
     "resolve_role",
@@ -68,6 +69,19 @@ def check_positive_int(name: str, value, optional: bool = False, minimum: int = 
 def check_input_dim(input_dim: int) -> int:
     """Returns ``input_dim`` if it is a positive int, else raises ``ValueError``."""
     return check_positive_int("input_dim", input_dim)
+
+
+def check_vector_input(name: str, x, dim: int, reference: Tensor) -> None:
+    """Raises ``ValueError`` (naming ``name``, what was expected and what came) unless ``x`` is
+    a tensor of shape ``(..., dim)`` with ``reference``'s dtype and device."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} expects a Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != dim:
+        raise ValueError(f"{name} expects inputs of shape (..., {dim}), got {tuple(x.shape)}")
+    if x.dtype != reference.dtype:
+        raise ValueError(f"{name} expects dtype {reference.dtype}, got {x.dtype}")
+    if x.device != reference.device:
+        raise ValueError(f"{name} expects device {reference.device}, got {x.device}")
 
 
 def check_square_matrix(name: str, matrix, dim: int) -> Tensor:
@@ -614,15 +628,4 @@ class InvertibleLinear(VersionedCacheModule):
         return self._first_parameter()
 
     def _check_input(self, x: Tensor) -> None:
-        name = type(self).__name__
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{name} expects a Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.input_dim:
-            raise ValueError(
-                f"{name} expects inputs of shape (..., {self.input_dim}), got {tuple(x.shape)}"
-            )
-        ref = self._reference()
-        if x.dtype != ref.dtype:
-            raise ValueError(f"{name} expects dtype {ref.dtype}, got {x.dtype}")
-        if x.device != ref.device:
-            raise ValueError(f"{name} expects device {ref.device}, got {x.device}")
+        check_vector_input(type(self).__name__, x, self.input_dim, self._reference())
