@@ -3,10 +3,13 @@
 from . import datasets as datasets
 from .autoguide import AutoFlowNormal
 from .conditional import (
+    ConditionalChannelMixer,
     ConditionalFlow,
     ConditionalStructuredLinear,
+    ConditionedChannelMixer,
     ConditionedStructuredLinear,
     conditional_butterfly_linear,
+    conditional_channel_mixer,
     conditional_circulant_diagonal_linear,
     conditional_flow,
     conditional_linear,
@@ -36,8 +39,10 @@ __all__ = [
     "ActNorm",
     "AutoFlowNormal",
     "ConvAffineCoupling",
+    "ConditionalChannelMixer",
     "ConditionalFlow",
     "ConditionalStructuredLinear",
+    "ConditionedChannelMixer",
     "ConditionedStructuredLinear",
     "FitResult",
     "LAYERS",
@@ -48,6 +53,7 @@ __all__ = [
     "activation_flow",
     "bits_per_dim",
     "conditional_butterfly_linear",
+    "conditional_channel_mixer",
     "conditional_circulant_diagonal_linear",
     "conditional_flow",
     "conditional_linear",

@@ -58,10 +58,13 @@ from .transforms.base import (
 from .transforms.registry import FAMILIES
 
 __all__ = [
+    "ConditionalChannelMixer",
     "ConditionalFlow",
     "ConditionalStructuredLinear",
+    "ConditionedChannelMixer",
     "ConditionedStructuredLinear",
     "conditional_butterfly_linear",
+    "conditional_channel_mixer",
     "conditional_circulant_diagonal_linear",
     "conditional_flow",
     "conditional_linear",
@@ -571,3 +574,128 @@ def conditional_flow(
             parts.append(spline if role == "guide" else spline.inv)
     flow = ConditionalFlow(parts, role=role)
     return flow
+
+
+# ------------------------------------------------------------------ images
+class ConditionalChannelMixer(ConditionalStructuredLinear):
+    r"""A family's channel mixer (a 1x1 convolution) with a context-dependent scale and shift
+    per channel, on ``(..., C, H, W)`` images.
+
+    .. math::
+
+        y_{:, h, w} = e^{s(c)} \odot (W x_{:, h, w} + b) + t(c), \qquad
+        \log\left|\det \tfrac{\partial y}{\partial x}\right|
+            = H W \left(\log|\det W| + \textstyle\sum_{i=1}^C s_i(c)\right),
+
+    the image form of :class:`ConditionalStructuredLinear`: every pixel's channel vector goes
+    through the family's layer (:func:`~pyro_lunet.channel_mixer`), then the context's
+    per-channel scale and shift, broadcast over the pixels. Contexts ``(*batch_c, C_ctx)``
+    broadcast against images ``(*batch_x, C, H, W)``; the log-determinant is exact per image.
+    Starts as the mixer itself (the context network's last layer is zero).
+
+    Cost: the mixer's (one batched call over the B·H·W pixels) plus O(B C H W) and the
+    context network's.
+
+    Example::
+
+        >>> import torch, pyro.distributions as dist
+        >>> from pyro_lunet import conditional_channel_mixer
+        >>> mixer = conditional_channel_mixer(3, context_dim=2, layer="butterfly")
+        >>> base = dist.Normal(torch.zeros(3, 4, 4), 1.0).to_event(3)
+        >>> images = dist.ConditionalTransformedDistribution(base, [mixer])
+        >>> images.condition(torch.randn(5, 2)).log_prob(torch.randn(5, 3, 4, 4)).shape
+        torch.Size([5])
+
+    :param mixer: the :class:`~pyro_lunet.transforms.ChannelMixer` (any family).
+    :param int context_dim: the context dimension.
+    :param hidden_dims: the context network's hidden widths (as for the vector form).
+    :param log_scale_bound: the soft bound on :math:`|s|` (as for the vector form).
+    """
+
+    domain = constraints.independent(constraints.real, 3)
+    codomain = constraints.independent(constraints.real, 3)
+
+    def __init__(self, mixer, context_dim: int, hidden_dims=None, log_scale_bound=5.0):
+        from .transforms.channel_mixer import ChannelMixer
+
+        if not isinstance(mixer, ChannelMixer):
+            raise ValueError(f"mixer must be a pyro_lunet ChannelMixer, got {type(mixer).__name__}")
+        super().__init__(mixer.layer, context_dim, hidden_dims, log_scale_bound)
+        # The mixer's tensors are its layer's, registered above as ``linear``.
+        object.__setattr__(self, "mixer", mixer)
+
+    def condition(self, context: Tensor) -> ConditionedChannelMixer:
+        """The transform for ``context``: the mixer, then the context's scale and shift."""
+        return ConditionedChannelMixer(self, self.check_context(context))
+
+
+class ConditionedChannelMixer(ConditionedStructuredLinear):
+    """A :class:`ConditionalChannelMixer` conditioned on one (batched) context."""
+
+    domain = constraints.independent(constraints.real, 3)
+    codomain = constraints.independent(constraints.real, 3)
+
+    def _check(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(x, Tensor) or x.dim() < 3 or x.shape[-3] != self.input_dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"{name} expects images of shape (..., {self.input_dim}, H, W), got {shape}"
+            )
+        check_vector_input(name, x.movedim(-3, -1), self.input_dim, self.context)
+        try:
+            _broadcast(x.shape[:-3], self._context_batch)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} expects images whose batch shape broadcasts with the context's "
+                f"{tuple(self._context_batch)}, got {tuple(x.shape)}"
+            ) from None
+
+    def _per_pixel(self) -> tuple[Tensor, Tensor]:
+        s, t = self._scale_shift()
+        return s[..., None, None], t[..., None, None]
+
+    def _call(self, x: Tensor) -> Tensor:
+        self._check(x)
+        s, t = self._per_pixel()
+        mixed, _ = self.conditional.mixer._apply_with_log_det(x, False)
+        return torch.addcmul(t, s.exp(), mixed)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        self._check(y)
+        s, t = self._per_pixel()
+        x, _ = self.conditional.mixer._apply_with_log_det((y - t) * (-s).exp(), True)
+        return x
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        """:math:`H W (\\log|\\det W| + \\sum_i s_i(c))`, one value per image."""
+        self._before_use()
+        s, _ = self._scale_shift()
+        pixels = x.shape[-1] * x.shape[-2]
+        shape = _broadcast(x.shape[:-3], y.shape[:-3], self._context_batch)
+        return (pixels * (self.conditional.linear._log_abs_det() + s.sum(-1))).expand(shape)
+
+    def forward_shape(self, shape: torch.Size) -> torch.Size:
+        return torch.Size((*_broadcast(shape[:-3], self._context_batch), *shape[-3:]))
+
+    def inverse_shape(self, shape: torch.Size) -> torch.Size:
+        return self.forward_shape(shape)
+
+
+def conditional_channel_mixer(
+    channels: int,
+    context_dim: int,
+    layer: LayerSpec = "lu",
+    role: Role = "density",
+    hidden_dims: Sequence[int] | None = None,
+    log_scale_bound: float | None = 5.0,
+    **layer_kwargs,
+) -> ConditionalChannelMixer:
+    """A :class:`ConditionalChannelMixer` of a family's :func:`~pyro_lunet.channel_mixer`.
+
+    ``role`` defaults to ``"density"``: an image model scores with ``_inverse``.
+    """
+    from .transforms.channel_mixer import channel_mixer
+
+    mixer = channel_mixer(channels, layer=layer, role=role, **layer_kwargs)
+    return ConditionalChannelMixer(mixer, context_dim, hidden_dims, log_scale_bound)
