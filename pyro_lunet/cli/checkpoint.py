@@ -32,6 +32,7 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 
 from .._scoring import standard_normal
 from ..flows import activation_flow, coupling_flow
+from ..image_flows import image_flow
 from ..transforms.lu_net import lu_net
 from ..transforms.registry import FAMILIES
 
@@ -82,7 +83,39 @@ BUILDERS: dict[str, Callable[[int, int, str], ComposeTransformModule]] = {
     ),
     "coupling": lambda d, k, family: coupling_flow(d, k, family, role="density"),
     "spline": lambda d, k, family: coupling_flow(d, k, family, role="density", coupling="spline"),
+    # Rows that are H x W images: built by image_rows_flow, which needs the image shape.
+    "image": None,
 }
+
+#: The image flows' coupling networks' width (``hidden_channels``) on the command line.
+IMAGE_HIDDEN_CHANNELS = 32
+
+
+def image_rows_flow(
+    dim: int, blocks: int, family: str, image_shape: list[int] | None
+) -> ComposeTransformModule:
+    """``--flow image:FAMILY``: rows of ``H * W`` values as 1 x H x W images through
+    :func:`~pyro_lunet.image_flow` (``blocks`` steps per level, two levels where the image
+    halves twice, else one), reshaped back to rows so the model stays a density on rows."""
+    if not image_shape:
+        raise CheckpointError(
+            "--flow image:FAMILY needs rows that are images: pass --image-shape HxW "
+            "(the digits know theirs)"
+        )
+    height, width = image_shape
+    levels = 0
+    while levels < 2 and height % (2 << levels) == 0 and width % (2 << levels) == 0:
+        levels += 1
+    if levels == 0:
+        raise CheckpointError(
+            f"--flow image:FAMILY squeezes 2x2 pixels: it needs an even image height and "
+            f"width, got {height}x{width}"
+        )
+    shape = (dim // (height * width), height, width)
+    images = image_flow(shape, num_levels=levels, steps_per_level=blocks, layer=family,
+                        hidden_channels=IMAGE_HIDDEN_CHANNELS)  # fmt: skip
+    to_images = dist.transforms.ReshapeTransform((dim,), shape)
+    return ComposeTransformModule([to_images, images, to_images.inv])
 
 
 class CheckpointError(ValueError):
@@ -154,7 +187,11 @@ def build_model(
     """
     builder, family = parse_flow(config.flow)
     dtype = getattr(torch, config.dtype)
-    flow = BUILDERS[builder](config.input_dim, config.blocks, family).to(device, dtype)
+    if builder == "image":
+        flow = image_rows_flow(config.input_dim, config.blocks, family, config.image_shape)
+    else:
+        flow = BUILDERS[builder](config.input_dim, config.blocks, family)
+    flow = flow.to(device, dtype)
     like = torch.empty((), device=device, dtype=dtype)
     mean, scale = (like.new_tensor(v) for v in (config.mean, config.scale))
     standardize = dist.transforms.AffineTransform(mean, scale, event_dim=1)

@@ -51,9 +51,10 @@ from .checkpoint import (
 from .data_files import BUILT_IN, Rows, check_range, check_width, load_rows, standardization
 
 #: ``--blocks`` when not given: activation flows need more blocks than coupling flows.
-DEFAULT_BLOCKS = {"lu-net": 8, "activation": 8, "coupling": 4, "spline": 4}
+DEFAULT_BLOCKS = {"lu-net": 8, "activation": 8, "coupling": 4, "spline": 4, "image": 2}
 #: ``--lr`` when not given: coupling networks want a smaller step than LU-Net.
-DEFAULT_LR = {"lu-net": 1e-2, "activation": 1e-2, "coupling": 3e-3, "spline": 3e-3}
+DEFAULT_LR = {"lu-net": 1e-2, "activation": 1e-2, "coupling": 3e-3, "spline": 3e-3,
+              "image": 2e-3}  # fmt: skip
 #: ``--epochs`` when not given: enough for about this many optimizer steps ...
 DEFAULT_STEPS = 2000
 #: ... within these bounds.
