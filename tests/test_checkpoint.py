@@ -24,7 +24,11 @@ MEAN, SCALE = [0.5, -1.0, 2.0], [2.0, 0.5, 3.0]
 
 def _trained_model(spec: str):
     torch.manual_seed(0)
-    config = ModelConfig(flow=spec, blocks=2, input_dim=3, mean=MEAN, scale=SCALE)
+    if spec.startswith("image:"):  # rows that are 2 x 2 images
+        config = ModelConfig(flow=spec, blocks=2, input_dim=4, mean=[*MEAN, 0.0],
+                             scale=[*SCALE, 1.0], image_shape=[2, 2])  # fmt: skip
+    else:
+        config = ModelConfig(flow=spec, blocks=2, input_dim=3, mean=MEAN, scale=SCALE)
     model, flow = build_model(config)
     with torch.no_grad():  # away from the initialization, as training leaves it
         for p in flow.parameters():
@@ -42,7 +46,7 @@ def test_every_flow_rebuilds_bit_for_bit(spec, tmp_path):
     save_model(tmp_path, flow, config)
     loaded, loaded_config = load_model(tmp_path / "model.pt")  # a file inside works too
     assert loaded_config == config
-    x = torch.randn(16, 3) * torch.tensor(SCALE) + torch.tensor(MEAN)
+    x = torch.randn(16, config.input_dim) * torch.tensor(config.scale) + torch.tensor(config.mean)
     with torch.no_grad():
         assert torch.equal(loaded.log_prob(x), model.log_prob(x))
         torch.manual_seed(1)
