@@ -52,6 +52,10 @@ class Kernel:
         raise NotImplementedError
 
 
+#: Below this D the families hand a flow their kernels; from it on one step's GEMMs
+#: dominate and the families' own (blocked, memoized) paths are as fast.
+KERNEL_MAX_DIM = 256
+
 # ------------------------------------------------------------------- LU
 _MASKS: dict[tuple[int, torch.device], Tensor] = {}
 
@@ -129,6 +133,12 @@ class LUKernel(Kernel):
 
 
 # ---------------------------------------------------------- leaky softplus
+def log_leaky_softplus_slope(h: Tensor, alpha: float) -> Tensor:
+    """:math:`\\log\\phi'(h) = \\log(\\alpha + (1 - \\alpha)\\sigma(h))`: the slope lies in
+    :math:`(\\alpha, 1)`, so its log is stable for every ``h``."""
+    return (torch.sigmoid(h) * (1.0 - alpha) + alpha).log()
+
+
 def leaky_softplus(h: Tensor, alpha: float) -> Tensor:
     """:math:`\\alpha h + (1 - \\alpha)\\,\\mathrm{softplus}(h)`, rounded as every caller rounds it.
 
@@ -177,8 +187,7 @@ class LeakySoftplusKernel(Kernel):
 
     def reference(self, h, params):
         out = leaky_softplus(h, self.alpha)
-        slope = torch.sigmoid(h) * (1.0 - self.alpha) + self.alpha
-        return out, self.log_det_sign * slope.log().sum(-1)
+        return out, self.log_det_sign * log_leaky_softplus_slope(h, self.alpha).sum(-1)
 
 
 # -------------------------------------------------------------- rank one

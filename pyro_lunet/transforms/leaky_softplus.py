@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import constraints
 
-from ._fused import LeakySoftplusKernel, run_kernels
+from ._fused import LeakySoftplusKernel, log_leaky_softplus_slope, run_kernels
 from ._fused import leaky_softplus as leaky_softplus_function
 from .base import VersionedCacheModule
 
@@ -81,8 +80,7 @@ class LeakySoftplus(VersionedCacheModule):
 
     def log_phi_prime(self, x: Tensor) -> Tensor:
         r""":math:`\log\phi'(x)`, stable for every x."""
-        log_alpha = torch.full_like(x, math.log(self.alpha))
-        return torch.logaddexp(log_alpha, math.log1p(-self.alpha) + F.logsigmoid(x))
+        return log_leaky_softplus_slope(x, self.alpha)
 
     def phi_inverse(self, y: Tensor) -> Tensor:
         r""":math:`\phi^{-1}(y)` by monotone Newton steps from an upper bound."""

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._fused import LUKernel, run_kernels
+from ._fused import KERNEL_MAX_DIM, LUKernel, run_kernels
 from .base import (
     InvertibleLinear,
     LegacyDirection,
@@ -22,8 +22,6 @@ __all__ = ["LULinear", "lu_linear"]
 
 # Below this size one dense GEMM beats the blocked triangular kernels.
 _BLOCK_MIN = 128
-# Below this size the product side runs as one fused autograd node.
-_FUSED_MAX = 2 * _BLOCK_MIN
 _MAX_BLOCKS = 8
 
 
@@ -229,7 +227,7 @@ class LULinear(InvertibleLinear):
     # base's separate passes for large D.
     def _kernel(self, inverse: bool) -> tuple[LUKernel, tuple] | None:
         if (
-            self.input_dim >= _FUSED_MAX
+            self.input_dim >= KERNEL_MAX_DIM
             or inverse != (self.role == "density")
             or not torch.is_grad_enabled()  # the memoized product is cheaper then
         ):

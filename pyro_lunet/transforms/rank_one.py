@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._fused import RankOneKernel
+from ._fused import KERNEL_MAX_DIM, RankOneKernel
 from .base import (
     InvertibleLinear,
     Role,
@@ -22,9 +22,6 @@ from .base import (
 from .registry import register_family
 
 __all__ = ["RankOneUpdatedLinear", "rank_one_updated_linear"]
-
-# Below this size a flow runs the product side as a kernel (see _fused.py).
-_FUSED_MAX = 256
 
 # The reference code's margins around ``log_det_range`` for accepting a merge.
 _DEN_MARGIN = 4.0
@@ -325,7 +322,7 @@ class RankOneUpdatedLinear(InvertibleLinear):
     def _kernel(self, inverse: bool) -> tuple[RankOneKernel, tuple] | None:
         # The product side with its bias and log|det| as one kernel inside a
         # flow (see _fused.py); separate ops without a graph (memoized terms).
-        if inverse or self.input_dim >= _FUSED_MAX or not torch.is_grad_enabled():
+        if inverse or self.input_dim >= KERNEL_MAX_DIM or not torch.is_grad_enabled():
             return None
         params = (self.A, self.A_inv, self.log_abs_det_A, self.u, self.v, self.bias)
         return RankOneKernel(), params
