@@ -29,10 +29,11 @@ class Kernel:
     """One step ``h -> (out, log_det)`` with its own backward; ``params`` are its tensors.
 
     ``log_det`` is the step's forward log-determinant: 0-dim when it does not
-    depend on the point, else one value per row of ``h`` (``(N, D)`` rows).
+    depend on the point, else one value per row of ``h`` (``(N, D)`` rows), or
+    ``None`` for a step whose log-determinant its caller adds.
     """
 
-    def forward(self, h: Tensor, params: Params) -> tuple[Tensor, Tensor, tuple]:
+    def forward(self, h: Tensor, params: Params) -> tuple[Tensor, Tensor | None, tuple]:
         """``(out, log_det, saved)``, computed without a graph."""
         raise NotImplementedError
 
@@ -47,7 +48,7 @@ class Kernel:
         """
         raise NotImplementedError
 
-    def reference(self, h: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+    def reference(self, h: Tensor, params: Params) -> tuple[Tensor, Tensor | None]:
         """The same ``(out, log_det)`` by differentiable ops (for gradients of gradients)."""
         raise NotImplementedError
 
@@ -347,13 +348,119 @@ def affine_coupling_kernel(part, inverse: bool) -> tuple[Kernel, tuple] | None:
     return AffineCouplingKernel(part.split_dim, clip, inverse), params
 
 
+# ------------------------------------------------------- dense sides
+class DenseKernel(Kernel):
+    r"""Rows of :math:`h M^\top + b`, or :math:`(h - b) M^\top` with ``subtract``.
+
+    Params ``(M, bias)``: ``M`` is a layer's matrix for the direction run
+    (:math:`W` or :math:`W^{-1}`), assembled beforehand from its parameters
+    (:class:`DenseSide`). The log-determinant is the layer's constant, added
+    by the caller, so this step has none. Cost :math:`O(N D^2)`.
+    """
+
+    def __init__(self, subtract: bool):
+        self.subtract = subtract
+
+    def forward(self, h, params):
+        matrix, bias = params
+        if bias is None:
+            return h @ matrix.t(), None, (h,)
+        if self.subtract:
+            src = h - bias
+            return src @ matrix.t(), None, (src,)
+        return torch.addmm(bias, h, matrix.t()), None, (h,)
+
+    def backward(self, saved, params, grad_out, grad_log_det, needs):
+        (src,) = saved
+        matrix, bias = params
+        if grad_out is None:
+            return None, [None, None]
+        grad_src = grad_out @ matrix
+        grad_matrix = torch.mm(grad_out.t(), src) if needs[0] else None
+        grad_bias = None
+        if needs[1]:
+            grad_bias = -grad_src.sum(0) if self.subtract else grad_out.sum(0)
+        return grad_src, [grad_matrix, grad_bias]
+
+    def reference(self, h, params):
+        matrix, bias = params
+        if bias is not None and self.subtract:
+            h = h - bias
+        out = h @ matrix.t()
+        return (out + bias if bias is not None and not self.subtract else out), None
+
+
+class DenseSide:
+    """A layer's request to run as a :class:`DenseKernel`: its matrix for one direction.
+
+    The matrices of all the layers of one kind in a run are assembled
+    together (:func:`assemble_dense_sides`): at small D a layer's matrix
+    costs a handful of ops on its parameters whatever their number, so one
+    batched assembly for a flow's K layers costs what one layer's did.
+
+    The layer's class provides ``_dense_sides(layers, inverse) -> (matrices, log_det)``:
+    the K ``(D, D)`` matrices of the direction and the sum of the K forward
+    log-determinants, differentiable; layers of one ``_dense_group()`` key
+    are assembled together.
+    """
+
+    __slots__ = ("layer", "inverse")
+
+    def __init__(self, layer, inverse: bool):
+        self.layer, self.inverse = layer, inverse
+
+    def kernel(self) -> tuple[Kernel, DenseSide]:
+        """The step a layer's ``_kernel`` hook returns: a dense kernel awaiting its matrix."""
+        return DenseKernel(subtract=self.inverse), self
+
+
+def assemble_dense_sides(steps: Sequence) -> tuple[list, Tensor | None]:
+    """``steps`` with every :class:`DenseSide` replaced by its assembled ``(M, bias)`` params,
+    and the sum of those layers' forward log-determinants (``None`` if there were none).
+
+    ``None`` entries (steps that are not kernels) are passed through.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, step in enumerate(steps):
+        if step is not None and isinstance(step[1], DenseSide):
+            layer = step[1].layer
+            groups.setdefault((type(layer), layer._dense_group()), []).append(i)
+    if not groups:
+        return list(steps), None
+    steps, total = list(steps), None
+    for (cls, _), indices in groups.items():
+        sides = [steps[i][1] for i in indices]
+        matrices, log_det = cls._dense_sides([s.layer for s in sides], sides[0].inverse)
+        for i, side, matrix in zip(indices, sides, matrices):
+            steps[i] = (steps[i][0], (matrix, side.layer.bias))
+        total = log_det if total is None else total + log_det
+    return steps, total
+
+
+def stack_params(tensors: Sequence[Tensor]) -> Tensor:
+    """The layers' tensors stacked on a new first dim; a single layer's tensor as it is (a
+    family's assembly handles both: at small D an op saved is time saved)."""
+    return tensors[0] if len(tensors) == 1 else torch.stack(tuple(tensors))
+
+
 # ------------------------------------------------------------------- runs
 def run_kernels(steps: Sequence[tuple[Kernel, Params]], h: Tensor) -> tuple[Tensor, Tensor]:
     """``h`` through every ``(kernel, params)`` in turn, as one autograd node.
 
     ``h`` is ``(N, D)``; returns the output rows and the summed log-det
-    (0-dim if every step's is, else ``(N,)``).
+    (0-dim if every step's is, else ``(N,)``). Steps whose params are a
+    :class:`DenseSide` are assembled first (:func:`assemble_dense_sides`).
     """
+    steps, assembled = assemble_dense_sides(steps)
+    out, log_det = _run_assembled(steps, h)
+    if log_det is None:
+        return out, h.new_zeros(()) if assembled is None else assembled
+    return out, log_det if assembled is None else log_det + assembled
+
+
+def _run_assembled(
+    steps: Sequence[tuple[Kernel, Params]], h: Tensor
+) -> tuple[Tensor, Tensor | None]:
     kernels = [kernel for kernel, _ in steps]
     sizes = [len(params) for _, params in steps]
     flat = [p for _, params in steps for p in params]
@@ -368,18 +475,34 @@ def _split(flat: Sequence, sizes: Sequence[int]) -> list:
     return out
 
 
+def _add(total: Tensor | None, log_det: Tensor | None) -> Tensor | None:
+    if log_det is None:
+        return total
+    return log_det if total is None else total + log_det
+
+
 def _reference_run(kernels, sizes, h, flat):
     total = None
     for kernel, params in zip(kernels, _split(flat, sizes)):
         h, log_det = kernel.reference(h, params)
-        total = log_det if total is None else total + log_det
+        total = _add(total, log_det)
     return h, total
 
 
 def _reference_gradients(kernels, sizes, inputs, needs, grads):
     """Gradients of the run by autograd on the reference ops, with a graph (double backward)."""
-    h, total = _reference_run(kernels, sizes, inputs[0], inputs[1:])
-    pairs = [(o, g) for o, g in ((h, grads[0]), (total, grads[1])) if g is not None]
+    return gradients_with_graph(_reference_run(kernels, sizes, inputs[0], inputs[1:]), grads,
+                                inputs, needs)  # fmt: skip
+
+
+def gradients_with_graph(
+    outputs: Sequence[Tensor | None], grads: Sequence[Tensor | None],
+    inputs: Sequence[Tensor], needs: Sequence[bool],
+) -> list[Tensor | None]:  # fmt: skip
+    """The vector-Jacobian product of ``outputs`` (recomputed by differentiable ops) with
+    ``grads``, for the ``inputs`` that ``needs`` says, as a graph: what a hand-written
+    backward returns when asked for gradients of gradients (``create_graph=True``)."""
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o is not None and g is not None]
     wanted = [t for t, need in zip(inputs, needs) if need]
     got = iter(
         torch.autograd.grad(
@@ -401,9 +524,9 @@ class _KernelRun(torch.autograd.Function):
         for kernel, params in zip(kernels, _split(flat, sizes)):
             h, log_det, keep = kernel.forward(h, params)
             saved.append(keep)
-            total = log_det if total is None else total + log_det
+            total = _add(total, log_det)
         ctx.kernels, ctx.sizes, ctx.intermediates = kernels, sizes, saved
-        return h, total
+        return h, total  # None when no step has a log-det of its own
 
     @staticmethod
     def backward(ctx, grad_out, grad_log_det):

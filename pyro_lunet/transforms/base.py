@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -579,6 +579,31 @@ class InvertibleLinear(VersionedCacheModule):
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, bias={self.bias is not None}"
+
+    def _dense_group(self) -> tuple:
+        """What layers must share to have their matrices assembled together (see
+        :class:`~pyro_lunet.transforms._fused.DenseSide`); families add their shape options."""
+        return (self.input_dim,)
+
+    @classmethod
+    def _dense_sides(cls, layers: list, inverse: bool) -> tuple[Sequence[Tensor], Tensor]:
+        """Hook of families whose ``_kernel`` is a ``DenseSide``: the ``(D, D)`` matrices of
+        ``layers`` for the direction (:math:`W`, or :math:`W^{-1}` with ``inverse``) and the sum
+        of their forward log-determinants, differentiable, assembled for all layers at once."""
+        raise NotImplementedError
+
+    def _dense_rows(self, h: Tensor, inverse: bool) -> Tensor:
+        """Rows of ``W h + b`` (or ``W^-1 (h - b)``) by the layer's dense matrix from
+        :meth:`_dense_sides`, memoized while no graph is recorded; :math:`O(N D^2)`."""
+        matrix = self._memo(
+            "dense_inverse" if inverse else "dense_forward",
+            lambda: self._dense_sides([self], inverse)[0][0],  # one layer: one matrix
+        )
+        if self.bias is None:
+            return h @ matrix.t()
+        if inverse:
+            return (h - self.bias) @ matrix.t()
+        return torch.addmm(self.bias, h, matrix.t())
 
     def _affine_rows(self, x: Tensor) -> Tensor:
         """Rows of ``W x + b`` for ``x`` of shape ``(N, D)``, N >= 1.

@@ -3,18 +3,20 @@ r"""Butterfly layers (ButterflyFlow): O(D log D) invertible mixing for every dim
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ._fused import DenseKernel, DenseSide, stack_params
 from .base import InvertibleLinear, Role, check_choice, check_positive_int, random_signs
 from .registry import register_family
 
 __all__ = ["ButterflyLinear", "butterfly_linear"]
 
-# Up to this size a layer is applied as its dense matrix (see _small_dense).
+# Up to this size a layer is applied as its dense matrix (see _dense_sides).
 _DENSE_MAX = 64
 
 
@@ -125,6 +127,28 @@ def _group_matrices(grid: Tensor, plan: _Plan, inverse: bool) -> list[Tensor]:
         mats.append(mat.permute(2, 0, 1) if inverse else mat.permute(2, 1, 0))
         low += k
     return [m.contiguous() for m in mats]
+
+
+def _level_products(layout, inverse, angle, log_scale, shear, sign) -> Tensor:
+    r"""The product of the level matrices, ``(D, D)``, or ``(K, D, D)`` for stacked layers:
+    :math:`W = B_0 B_1 \cdots B_{L-1}`, or :math:`W^{-1} = B_{L-1}^{-1} \cdots B_0^{-1}`.
+
+    The entries of all blocks are scattered into the level stack in one op.
+    """
+    flat, identity = layout
+    entries = _block_entries(angle, log_scale, shear, sign, inverse)
+    if angle.dim() == 1:
+        levels = torch.index_put(identity.to(entries.dtype).view(-1), (flat,), entries.view(-1))
+    else:
+        count = angle.shape[0]
+        index = (torch.arange(count, device=flat.device).unsqueeze(1), flat)
+        levels = identity.to(entries.dtype).view(1, -1).repeat(count, 1)
+        levels = levels.index_put(index, entries.view(count, -1))
+    factors = levels.view(*angle.shape[:-1], *identity.shape).unbind(-3)  # B_(L-1) first
+    product = factors[0]
+    for factor in factors[1:]:
+        product = product @ factor if inverse else factor @ product
+    return product
 
 
 # ----------------------------------------------------------- the products
@@ -497,57 +521,69 @@ class ButterflyLinear(InvertibleLinear):
         return self._product(y, self._matrices(inverse=True), inverse=True)
 
     # Small D: the map as its dense matrix, the product of the L level
-    # matrices, each scattered from its 2x2 blocks in one op. Under autograd
-    # that is about 20 nodes against about 40 for the grouped blocks, and
-    # one GEMM applies it.
-    def _small_dense(self, inverse: bool) -> Tensor:
-        def compute():
-            entries = self._entries(inverse).reshape(-1)
-            rows, cols, identity = self._level_layout()
-            levels = torch.index_put(identity.to(entries.dtype), (rows[0], rows[1], cols), entries)
-            # W = B_0 B_1 ... B_(L-1); W^-1 = B_(L-1)^-1 ... B_0^-1, levels in pairs() order
-            mats = list(levels.unbind(0))  # from the last level back
-            product = mats[0]
-            for mat in mats[1:]:
-                product = product @ mat if inverse else mat @ product
-            return product
+    # matrices, each scattered from its 2x2 blocks in one op: a few ops
+    # however many layers a flow has (their matrices are assembled together),
+    # and one GEMM applies it. Memoized under no_grad; under grad a flow runs
+    # it as a dense kernel.
+    def _use_dense(self) -> bool:
+        return self.input_dim <= _DENSE_MAX and self.num_levels > 0
 
-        return self._memo("dense_inverse" if inverse else "dense_forward", compute)
+    def _kernel(self, inverse: bool) -> tuple[DenseKernel, DenseSide] | None:
+        if not (self._use_dense() and torch.is_grad_enabled()):
+            return None
+        return DenseSide(self, inverse).kernel()
 
-    def _level_layout(self) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor]:
-        """Where each block entry goes in the ``(L, D, D)`` level stack, and the stack's identity
-        part (1 on the diagonal of coordinates no block of the level touches)."""
+    def _dense_group(self) -> tuple:
+        return (self.input_dim, self.num_levels)
+
+    @classmethod
+    def _dense_sides(
+        cls, layers: list[ButterflyLinear], inverse: bool
+    ) -> tuple[Sequence[Tensor], Tensor]:
+        """Each layer's dense :math:`W` (or :math:`W^{-1}`) and the sum of their log-dets.
+
+        Cost :math:`O(K L D^3)`, in about 20 ops whatever K.
+        """
+        angle, log_scale, shear, sign = (
+            stack_params([getattr(layer, name) for layer in layers])
+            for name in ("angle", "log_scale", "shear", "block_sign")
+        )
+        products = _level_products(
+            layers[0]._level_layout(), inverse, angle, log_scale, shear, sign
+        )
+        return (products.unbind(0) if angle.dim() > 1 else [products]), log_scale.sum()
+
+    def _level_layout(self) -> tuple[Tensor, Tensor]:
+        """Where each block entry goes in the flattened ``(L, D, D)`` level stack, and the
+        stack's identity part (1 on the diagonal of coordinates no block of the level
+        touches)."""
         layout = self.__dict__.get("_level_layout_cache")
         device = self.angle.device
         if layout is not None and layout[1].device == device:
             return layout
         pairs = self.pairs().to(device)
-        levels = self.num_levels
+        levels, dim = self.num_levels, self.input_dim
         step = (levels - 1 - pairs[:, 0]).repeat_interleave(4)  # position in pairs() order
         low, high = pairs[:, 1], pairs[:, 2]
         row = torch.stack((low, low, high, high), 1).reshape(-1)  # a, b, c, d
         col = torch.stack((low, high, low, high), 1).reshape(-1)
-        identity = torch.eye(self.input_dim, device=device).repeat(levels, 1, 1)
-        identity[step, row, col] = 0.0
-        layout = ((step, row), col, identity)
+        flat = (step * dim + row) * dim + col
+        identity = torch.eye(dim, device=device).repeat(levels, 1, 1)
+        identity.view(-1)[flat] = 0.0
+        layout = (flat, identity)
         self.__dict__["_level_layout_cache"] = layout
         return layout
-
-    def _use_dense(self) -> bool:
-        return self.input_dim <= _DENSE_MAX and self.num_levels > 0
 
     # The bias folded into the products' last pass (and, inverse, the blocks
     # assembled once for both W^-1 y and W^-1 b).
     def _affine_rows(self, x: Tensor) -> Tensor:
         if self._use_dense():
-            weight = self._small_dense(inverse=False)
-            return x @ weight.t() if self.bias is None else torch.addmm(self.bias, x, weight.t())
+            return self._dense_rows(x, inverse=False)
         return self._product(x, self._matrices(inverse=False), False, self.bias)
 
     def _inverse_affine_rows(self, y: Tensor) -> Tensor:
         if self._use_dense():
-            weight = self._small_dense(inverse=True)
-            return (y if self.bias is None else y - self.bias) @ weight.t()
+            return self._dense_rows(y, inverse=True)
         mats = self._matrices(inverse=True)
         shift = None
         if self.bias is not None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ._fused import DenseKernel, DenseSide, stack_params
 from .base import InvertibleLinear, Role, check_choice, check_positive_int, random_signs
 from .registry import register_family
 
@@ -20,6 +22,9 @@ __all__ = ["CirculantDiagonalLinear", "circulant_diagonal_linear"]
 # allocator instead of being faulted in afresh (about 3x faster at D = 1024).
 # The block holds about this many bytes per intra-op thread.
 _BLOCK_BYTES = 1 << 19
+
+# Up to this size the layer is applied as its dense matrix (see _dense_sides).
+_DENSE_MAX = 64
 
 
 def _block_rows(x: Tensor) -> int:
@@ -163,6 +168,18 @@ def _transposed_chain(g: Tensor, scales: Tensor, conj_spectra: Tensor) -> Tensor
     return g
 
 
+def _half_spectra(
+    phase: Tensor, log_magnitude: Tensor, spectrum_sign: Tensor, power: float, log_norm: float
+) -> Tensor:
+    """``lambda ** power / exp(log_norm)`` over any leading dims: exact real bins,
+    Hermitian by construction."""
+    zeros = phase.new_zeros(spectrum_sign.shape)
+    cos = torch.cat([spectrum_sign[..., :1], phase.cos(), spectrum_sign[..., 1:]], dim=-1)
+    sin = torch.cat([zeros[..., :1], power * phase.sin(), zeros[..., 1:]], dim=-1)
+    magnitude = (power * log_magnitude - log_norm).exp()
+    return torch.complex(magnitude * cos, magnitude * sin)
+
+
 class CirculantDiagonalLinear(InvertibleLinear):
     r"""An invertible linear layer that alternates diagonal and circulant factors (CDFlow),
 
@@ -301,13 +318,7 @@ class CirculantDiagonalLinear(InvertibleLinear):
         return torch.fft.irfft(self.spectra(), n=self.input_dim)
 
     def _half_spectra(self, power: float, log_norm: float) -> Tensor:
-        """``lambda ** power / exp(log_norm)``: exact real bins, Hermitian by construction."""
-        zeros = self.phase.new_zeros(self.num_factors - 1, self.spectrum_sign.shape[1])
-        sign = self.spectrum_sign
-        cos = torch.cat([sign[:, :1], self.phase.cos(), sign[:, 1:]], dim=1)
-        sin = torch.cat([zeros[:, :1], power * self.phase.sin(), zeros[:, 1:]], dim=1)
-        magnitude = (power * self.log_magnitude - log_norm).exp()
-        return torch.complex(magnitude * cos, magnitude * sin)
+        return _half_spectra(self.phase, self.log_magnitude, self.spectrum_sign, power, log_norm)
 
     def _chain_factors(self, inverse: bool) -> tuple[Tensor, Tensor]:
         """The diagonals and ``1/D``-scaled half-spectra in the order they are applied."""
@@ -337,22 +348,65 @@ class CirculantDiagonalLinear(InvertibleLinear):
         return self.log_scale.sum() + (self.log_magnitude * self.bin_multiplicity).sum()
 
     def _dense(self) -> Tensor:
-        dim = self.input_dim
-        ar = torch.arange(dim, device=self.log_scale.device)
-        index = (ar[:, None] - ar[None, :]) % dim  # circ(c)[i, l] = c[(i - l) mod D]
-        diagonals, vectors = self.diagonals(), self.circulant_vectors()
-        weight = torch.diag(diagonals[0])
-        for c, d in zip(vectors, diagonals[1:]):
-            weight = (weight @ c[index]) * d
-        return weight
+        return self._dense_sides([self], inverse=False)[0][0]  # one layer: one matrix
+
+    # Small D: a flow runs the layer as its dense matrix (see DenseSide): a
+    # few ops on the parameters of all its circulant layers at once and one
+    # GEMM each, against a chain of FFTs per layer.
+    def _kernel(self, inverse: bool) -> tuple[DenseKernel, DenseSide] | None:
+        if self.input_dim > _DENSE_MAX or not torch.is_grad_enabled():
+            return None  # (without grad, the memoized matrix: _dense_rows)
+        return DenseSide(self, inverse).kernel()
+
+    def _dense_group(self) -> tuple:
+        return (self.input_dim, self.num_factors)
+
+    @classmethod
+    def _dense_sides(
+        cls, layers: list[CirculantDiagonalLinear], inverse: bool
+    ) -> tuple[Sequence[Tensor], Tensor]:
+        """Each layer's dense :math:`W` (or :math:`W^{-1}`) and the sum of their log-dets.
+
+        Cost :math:`O(K m D^3)` (:math:`O(K D^2)` for m = 2), in about 20 ops whatever K.
+        """
+        dim = layers[0].input_dim
+        log_scale = stack_params([layer.log_scale for layer in layers])
+        log_magnitude = stack_params([layer.log_magnitude for layer in layers])
+        power = -1.0 if inverse else 1.0
+        scale_sign = stack_params([layer.scale_sign for layer in layers])
+        diagonals = scale_sign * (power * log_scale).exp()  # ([K,] m, D)
+        spectra = _half_spectra(
+            stack_params([layer.phase for layer in layers]),
+            log_magnitude,
+            stack_params([layer.spectrum_sign for layer in layers]),
+            power,
+            0.0,
+        )
+        vectors = torch.fft.irfft(spectra, n=dim)  # ([K,] m - 1, D)
+        ar = torch.arange(dim, device=vectors.device)
+        circulants = vectors[..., (ar[:, None] - ar) % dim]  # circ(c)[i, l] = c[(i - l) mod D]
+        # W = D_1 C_2 D_3 ... D_(2m-1); W^-1 = D_(2m-1)^-1 ... C_2^-1 D_1^-1
+        m = diagonals.shape[-2]
+        order = range(m - 1, 0, -1) if inverse else range(1, m)
+        weight = diagonals[..., m - 1 if inverse else 0, :].unsqueeze(-1)  # a row scaling
+        for j in order:
+            circulant = circulants[..., j - 1, :, :]
+            weight = weight * circulant if weight.shape[-1] == 1 else weight @ circulant
+            weight = weight * diagonals[..., j - 1 if inverse else j, :].unsqueeze(-2)
+        log_det = log_scale.sum() + (log_magnitude * _bin_multiplicity(dim, log_magnitude)).sum()
+        return (weight.unbind(0) if log_scale.dim() > 2 else [weight]), log_det
 
     # ----------------------------------------------------------- transform
     # The bias is fused into the chain: W x + b adds it in the last diagonal's
     # pass, W^-1 (y - b) subtracts it in the first one.
     def _affine_rows(self, x: Tensor) -> Tensor:
+        if self.input_dim <= _DENSE_MAX:
+            return self._dense_rows(x, inverse=False)
         return self._chain(x, False, post=self.bias)
 
     def _inverse_affine_rows(self, y: Tensor) -> Tensor:
+        if self.input_dim <= _DENSE_MAX:
+            return self._dense_rows(y, inverse=True)
         return self._chain(y, True, pre=None if self.bias is None else -self.bias)
 
     def extra_repr(self) -> str:

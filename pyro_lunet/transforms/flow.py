@@ -9,7 +9,7 @@ from pyro.distributions.transforms import AffineCoupling
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
-from ._fused import affine_coupling_kernel, run_kernels
+from ._fused import affine_coupling_kernel, assemble_dense_sides, run_kernels
 from .base import VersionedCacheModule, check_positive_int
 
 __all__ = ["Flow"]
@@ -180,8 +180,13 @@ class Flow(VersionedCacheModule):
                 log_det = _sum_event(log_det, h.dim() - self._event_dim)
                 total = log_det if total is None else total + log_det
 
-        for part in reversed(self._parts) if inverse else self._parts:
-            kernel = _kernel_of(part, inverse)
+        order = self._parts[::-1] if inverse else self._parts
+        # The flow's dense-kernel layers get their matrices in one batched
+        # assembly per kind (see DenseSide), before any step runs.
+        steps, assembled = assemble_dense_sides([_kernel_of(part, inverse) for part in order])
+        if assembled is not None:
+            constant.append(assembled)
+        for part, kernel in zip(order, steps):
             if kernel is not None:
                 kernels.append(kernel)
                 continue
