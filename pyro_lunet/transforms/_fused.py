@@ -145,9 +145,10 @@ def leaky_softplus(h: Tensor, alpha: float) -> Tensor:
 
     (``h + (1 - alpha) softplus(-h)`` is the same number in exact arithmetic but
     cancels for large negative ``h``, and a Newton inverse of one form does not
-    round-trip the other to float precision.)
+    round-trip the other to float precision.) One ``lerp`` from ``h`` towards
+    ``softplus(h)``: exact at both ends, and two ops where the sum takes three.
     """
-    return torch.add(alpha * h, F.softplus(h), alpha=1.0 - alpha)
+    return torch.lerp(h, F.softplus(h), 1.0 - alpha)
 
 
 class LeakySoftplusKernel(Kernel):
@@ -452,15 +453,17 @@ def run_kernels(steps: Sequence[tuple[Kernel, Params]], h: Tensor) -> tuple[Tens
     :class:`DenseSide` are assembled first (:func:`assemble_dense_sides`).
     """
     steps, assembled = assemble_dense_sides(steps)
-    out, log_det = _run_assembled(steps, h)
+    out, log_det = run_assembled(steps, h)
     if log_det is None:
         return out, h.new_zeros(()) if assembled is None else assembled
     return out, log_det if assembled is None else log_det + assembled
 
 
-def _run_assembled(
+def run_assembled(
     steps: Sequence[tuple[Kernel, Params]], h: Tensor
 ) -> tuple[Tensor, Tensor | None]:
+    """:func:`run_kernels` for steps whose dense sides are assembled; the log-det is
+    ``None`` when no step has one of its own."""
     kernels = [kernel for kernel, _ in steps]
     sizes = [len(params) for _, params in steps]
     flat = [p for _, params in steps for p in params]
@@ -520,12 +523,14 @@ class _KernelRun(torch.autograd.Function):
         # Inputs are saved version-checked: an in-place update before the
         # backward pass raises instead of giving wrong gradients.
         ctx.save_for_backward(h, *flat)
-        saved, total = [], None
+        saved, total, constant = [], None, []
         for kernel, params in zip(kernels, _split(flat, sizes)):
             h, log_det, keep = kernel.forward(h, params)
             saved.append(keep)
+            constant.append(log_det is not None and log_det.dim() == 0)
             total = _add(total, log_det)
         ctx.kernels, ctx.sizes, ctx.intermediates = kernels, sizes, saved
+        ctx.constant = constant  # which steps' log-dets are 0-dim
         return h, total  # None when no step has a log-det of its own
 
     @staticmethod
@@ -544,13 +549,18 @@ class _KernelRun(torch.autograd.Function):
         grads: list = [None] * (len(inputs) - 1)
         offset = len(grads)
         grad_h = grad_out
+        # A 0-dim step's log-det gradient is the per-row one's sum: summed once.
+        summed = grad_log_det
+        if grad_log_det is not None and grad_log_det.dim() and any(ctx.constant):
+            summed = grad_log_det.sum()
         for i in reversed(range(len(kernels))):
             offset -= sizes[i]
             if i < first and not needs[0]:
                 break
             grad_h, grad_params = kernels[i].backward(
-                ctx.intermediates[i], params_list[i], grad_h, grad_log_det, needs_list[i]
-            )
+                ctx.intermediates[i], params_list[i], grad_h,
+                summed if ctx.constant[i] else grad_log_det, needs_list[i],
+            )  # fmt: skip
             for j, grad in enumerate(grad_params):
                 if needs_list[i][j]:
                     grads[offset + j] = grad

@@ -23,7 +23,6 @@ from torch import Tensor
 from torch.distributions import constraints
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..fingerprint import parameter_fingerprint
 from ._fused import Kernel
 
 __all__ = [
@@ -273,7 +272,7 @@ class VersionedCacheModule(TransformModule):
 
     # The plumbing below is the base's alone: a family that overrides it
     # would have to re-implement caching, batching or the bias correctly.
-    _sealed = ("__call__", "_inv_call", "_state_key", "_keyed_tensors")
+    _sealed = ("__call__", "_inv_call", "_state_key")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -292,28 +291,27 @@ class VersionedCacheModule(TransformModule):
         return ()
 
     def _state_key(self) -> tuple:
-        return (
-            torch.is_grad_enabled(),
-            self.training,
-            optimizer_step_count(),
-            *self._cache_extras(),
-            *parameter_fingerprint(self._keyed_tensors(), requires_grad=True),
-        )
+        """What decides a cached result: modes, the optimizer step count, the extras, and
+        ``(version, data_ptr, requires_grad)`` of every parameter and buffer of the module
+        tree, less each submodule's own ``_unkeyed_buffers`` (a flow keys on its layers as
+        they would).
 
-    def _keyed_tensors(self) -> list[Tensor]:
-        """The tensors whose in-place changes invalidate the caches.
-
-        Every parameter and buffer of the module tree, less each submodule's
-        own ``_unkeyed_buffers`` (a flow keys on its layers as they would),
-        read from the modules' own dicts on every call (``.to()`` replaces
-        buffers). ``named_modules`` would cost more than the rest of a small
-        layer's call: the dicts are found once per module structure.
+        The tensors are read from the modules' own dicts on every call (``.to()``
+        replaces buffers); ``named_modules`` would cost more than the rest of a small
+        layer's call, so the dicts are found once per module structure. One loop, no
+        intermediate lists: a flow asks for its key three times per SVI step.
         """
-        tensors: list[Tensor] = []
+        key = [torch.is_grad_enabled(), self.training, optimizer_step_count()]
+        key.extend(self._cache_extras())
+        add = key.append
         for parameters, buffers, skip in self._tensor_layout():
-            tensors.extend(p for p in parameters.values() if p is not None)
-            tensors.extend(b for name, b in buffers.items() if b is not None and name not in skip)
-        return tensors
+            for t in parameters.values():
+                if t is not None:
+                    add((t._version, t.data_ptr(), t.requires_grad))
+            for name, t in buffers.items():
+                if t is not None and name not in skip:
+                    add((t._version, t.data_ptr(), t.requires_grad))
+        return tuple(key)
 
     def _first_parameter(self) -> Tensor | None:
         """The tree's first parameter (whose device and dtype inputs must have), or ``None``."""

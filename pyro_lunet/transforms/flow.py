@@ -9,7 +9,7 @@ from pyro.distributions.transforms import AffineCoupling
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
-from ._fused import affine_coupling_kernel, assemble_dense_sides, run_kernels
+from ._fused import affine_coupling_kernel, assemble_dense_sides, run_assembled
 from .base import VersionedCacheModule, check_positive_int
 
 __all__ = ["Flow"]
@@ -170,8 +170,10 @@ class Flow(VersionedCacheModule):
         total = None  # batch-shaped
         kernels: list = []  # consecutive steps with kernels, run as one autograd node
 
-        def add(log_det: Tensor) -> None:
+        def add(log_det: Tensor | None) -> None:
             nonlocal elementwise, total
+            if log_det is None:  # a run of steps whose log-dets were all assembled
+                return
             if log_det.dim() == 0:
                 constant.append(log_det)
             elif log_det.dim() == h.dim():
@@ -244,9 +246,11 @@ def _kernel_of(part: Transform, inverse: bool) -> tuple | None:
     return adapter(part, inverse) if adapter is not None else None
 
 
-def _run_kernels(kernels: list, h: Tensor) -> tuple[Tensor, Tensor]:
-    """A run of kernel steps on the rows of ``h``, as one autograd node."""
-    out, log_det = run_kernels(kernels, h.reshape(-1, h.shape[-1]))
+def _run_kernels(kernels: list, h: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A run of kernel steps (their dense sides assembled) on the rows of ``h``, one node."""
+    out, log_det = run_assembled(kernels, h.reshape(-1, h.shape[-1]))
+    if log_det is None:
+        return out.reshape(h.shape), None
     return out.reshape(h.shape), log_det if log_det.dim() == 0 else log_det.reshape(h.shape[:-1])
 
 
