@@ -153,11 +153,14 @@ def test_float32_matches_float64_at_large_dim():
         (16, {"block_levels": 3}),
     ],
 )
-def test_gradients_of_the_grouped_products(direction, dim, kwargs):
+@pytest.mark.parametrize("path", ["grouped", "dense"])
+def test_gradients_of_the_grouped_products(direction, dim, kwargs, path, monkeypatch):
+    if path == "grouped":  # the grouped products, not the small-D dense matrix
+        monkeypatch.setattr(butterfly_module, "_DENSE_MAX", 0)
     wrapper = _Direction(_perturbed(dim, **kwargs).with_cache(0), direction)
     names = [name for name, _ in wrapper.named_parameters()]
     values = [p.detach().clone().requires_grad_() for p in wrapper.parameters()]
-    x = torch.randn(3, dim, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, dim, dtype=torch.float64, requires_grad=True)
 
     def fn(x, *params):
         return torch.func.functional_call(wrapper, dict(zip(names, params)), (x,))

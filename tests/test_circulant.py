@@ -255,9 +255,9 @@ def test_hand_written_backward_passes_gradcheck(monkeypatch, dim, num_factors, o
 
 @pytest.mark.parametrize("direction", ["density", "guide"])
 def test_parameter_gradients_match_autograd_through_the_dense_weight(monkeypatch, direction):
-    block_bytes = 40 * 8 * 33 // torch.get_num_threads()  # ragged blocks of about 40 rows
+    dim, rows = 70, 100  # above the dense matrix's sizes: the FFT chain
+    block_bytes = 40 * 8 * dim // torch.get_num_threads()  # ragged blocks of about 40 rows
     monkeypatch.setattr(circulant_module, "_BLOCK_BYTES", block_bytes)
-    dim, rows = 33, 100
     layer = _perturbed(dim, 3)
     base = dist.Normal(torch.zeros(dim, dtype=torch.float64), 1.0).to_event(1)
     data = torch.randn(rows, dim, dtype=torch.float64) + 2
