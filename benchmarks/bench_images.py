@@ -39,6 +39,7 @@ Run ``PYTHONPATH=. python benchmarks/bench_images.py [--quick] [--threads 1]``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import subprocess
@@ -194,10 +195,38 @@ def _model(flow, shape):
     return dist.TransformedDistribution(base, [flow, unit_interval(0.05)])
 
 
+def _train_and_score(log_prob, module, images, levels, steps, batch, seed):
+    """Adam (lr 2e-3) on ``-log_prob(u)`` of freshly dequantized batches, then the test
+    bits/dim (:func:`bits_per_dim`, the mean of 4 dequantization draws) and the median
+    step time. ``log_prob`` maps ``u`` in ``[0, 1)^D`` to ``log p(u)`` (nats, per image).
+    The same loop for every row, so only the model differs."""
+    train, test = _split(images)
+    opt = torch.optim.Adam(module.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    module.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(train), (batch,), generator=gen)
+        u = dequantize(train[idx], levels, generator=gen)
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = -log_prob(u).mean()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    module.eval()
+    bpd = []
+    with torch.no_grad():
+        for _ in range(4):
+            u = dequantize(test, levels, generator=gen)
+            bpd.append(bits_per_dim(log_prob(u), test[0].numel(), levels).mean().item())
+    params = sum(p.numel() for p in module.parameters())
+    return statistics.mean(bpd), statistics.median(times), params
+
+
 def fit(images, levels, layer, steps, batch, hidden, steps_per_level, image_mixer=None, seed=0):
     torch.manual_seed(seed)
     shape = tuple(images.shape[1:])
-    train, test = _split(images)
     flow = image_flow(
         shape,
         num_levels=2,
@@ -207,27 +236,46 @@ def fit(images, levels, layer, steps, batch, hidden, steps_per_level, image_mixe
         image_mixer=image_mixer,
     )
     model = _model(flow, shape)
-    opt = torch.optim.Adam(flow.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(seed)
-    times = []
-    flow.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(train), (batch,), generator=gen)
-        u = dequantize(train[idx], levels, generator=gen)
-        start = time.perf_counter()
-        opt.zero_grad()
-        loss = -model.log_prob(u).mean()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    flow.eval()
-    bpd = []
-    with torch.no_grad():
-        for _ in range(4):
-            u = dequantize(test, levels, generator=gen)
-            bpd.append(bits_per_dim(model.log_prob(u), test[0].numel(), levels).mean().item())
-    params = sum(p.numel() for p in flow.parameters())
-    return statistics.mean(bpd), statistics.median(times), params
+    return _train_and_score(model.log_prob, flow, images, levels, steps, batch, seed)
+
+
+def normflows_glow(shape, hidden, steps_per_level, num_levels=2):
+    """normflows' Glow (``GlowBlock``: affine coupling with a 3-1-3 conv net, LU 1x1
+    convolution, actnorm; ``Squeeze``, ``Merge``; learned diagonal Gaussian bases) in
+    ``MultiscaleFlow``, at the architecture of our rows: ``num_levels`` levels of
+    ``steps_per_level`` blocks, level ``l`` (1 = finest) on ``2^(l+1) C`` channels of
+    ``H/2^l x W/2^l``, half of them factored out between levels."""
+    import normflows as nf
+
+    c, h, w = shape
+    q0, flows, merges = [], [], []
+    # MultiscaleFlow lists levels from the coarsest (sampling order): level L first.
+    for level in range(num_levels, 0, -1):
+        channels, size = c * 2 ** (level + 1), (h // 2**level, w // 2**level)
+        blocks = [nf.flows.GlowBlock(channels, hidden) for _ in range(steps_per_level)]
+        flows.append([*blocks, nf.flows.Squeeze()])  # ends at (channels / 4, 2 size)
+        if level == num_levels:
+            q0.append(nf.distributions.DiagGaussian((channels, *size)))
+        else:  # the half factored out at this level, merged back in (sampling direction)
+            q0.append(nf.distributions.DiagGaussian((channels // 2, *size)))
+            merges.append(nf.flows.Merge())
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+def fit_normflows_glow(images, levels, steps, batch, hidden, steps_per_level, seed=0):
+    """The same fit as :func:`fit` with normflows' Glow in place of :func:`image_flow`:
+    the same data, dequantization, logit map (:func:`unit_interval`, its log-det counted
+    here), loop and bits/dim formula."""
+    torch.manual_seed(seed)
+    glow = normflows_glow(tuple(images.shape[1:]), hidden, steps_per_level)
+    logit = unit_interval(0.05)
+
+    def log_prob(u):
+        v = logit.inv(u)  # the logit space the flow models
+        ldj = logit.log_abs_det_jacobian(v, u).flatten(1).sum(1)  # dims of u per dim of v
+        return glow.log_prob(v, None) - ldj
+
+    return _train_and_score(log_prob, glow, images, levels, steps, batch, seed)
 
 
 def part_fits(datasets, steps, batch, hidden, steps_per_level):
@@ -235,24 +283,36 @@ def part_fits(datasets, steps, batch, hidden, steps_per_level):
         f"\n## 2. image_flow fits: 2 levels x {steps_per_level} steps, hidden {hidden}, "
         f"{steps} Adam steps (lr 2e-3) of batch {batch}; test bits/dim (lower is better)\n"
     )
-    rows = [(fam, fam, None) for fam in families()]
-    rows.append(("pyro GeneralizedChannelPermute", GeneralizedChannelPermute, None))
-    rows.append(("fixed reversal (RealNVP)", _reverse, None))
+
+    def ours(layer, whole=None, only=None):
+        def run(data_name, images, levels):
+            if only is not None and data_name != only:
+                return None
+            return fit(images, levels, layer, steps, batch, hidden, steps_per_level, whole)
+
+        return run
+
+    rows = [(fam, ours(fam)) for fam in families()]
+    rows.append(("pyro GeneralizedChannelPermute", ours(GeneralizedChannelPermute)))
+    rows.append(("fixed reversal (RealNVP)", ours(_reverse)))
+    rows.append(("lu + whole-image butterfly", ours("lu", "butterfly", "permuted digits")))
+    if importlib.util.find_spec("normflows") is not None:
+
+        def glow(data_name, images, levels):
+            return fit_normflows_glow(images, levels, steps, batch, hidden, steps_per_level)
+
+        rows.append(("normflows Glow (MultiscaleFlow)", glow))
+    else:
+        print("(normflows is not installed: no normflows Glow row)\n")
     names = list(datasets)
     print("| mixer | " + " | ".join(names) + f" | step ms ({names[0]}) | parameters ({names[0]}) |")
     print("|---" * (len(names) + 3) + "|")
-    extra = [("lu + whole-image butterfly", "lu", "butterfly")]
-    for name, layer, whole in rows + extra:
+    for name, run in rows:
         cells, first = [], None
         for data_name, (images, levels) in datasets.items():
-            if whole is not None and data_name != "permuted digits":
-                cells.append("")
-                continue
-            bpd, step, params = fit(
-                images, levels, layer, steps, batch, hidden, steps_per_level, whole
-            )
-            cells.append(f"{bpd:.3f}")
-            first = first or (step, params)
+            result = run(data_name, images, levels)
+            cells.append("" if result is None else f"{result[0]:.3f}")
+            first = first or (result and result[1:])
         step, params = first
         print(
             f"| {name} | " + " | ".join(cells) + f" | {1e3 * step:.1f} | {params:,} |", flush=True
