@@ -387,6 +387,10 @@ def main(argv=None):
     parser.add_argument("--skip-mixers", action="store_true")
     parser.add_argument("--skip-periodic", action="store_true")
     parser.add_argument("--periodic-dim", type=int, default=64)
+    parser.add_argument(
+        "--periodic-steps", type=int, help="Adam steps per periodic-signal flow (overrides)"
+    )
+    parser.add_argument("--fit-steps", type=int, help="Adam steps per image fit (overrides)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# bench_images on {machine()}")
@@ -399,10 +403,10 @@ def main(argv=None):
             "permuted digits": (permuted(digits), levels),
             "patches 3x8x8": patches_data(),
         }
-        steps = 150 if args.quick else 1500 if args.full else 400
+        steps = args.fit_steps or (150 if args.quick else 1500 if args.full else 400)
         part_fits(datasets, steps=steps, batch=64, hidden=32, steps_per_level=2)
     if not args.skip_periodic:
-        steps = 300 if args.quick else 3000 if args.full else 1000
+        steps = args.periodic_steps or (300 if args.quick else 3000 if args.full else 1000)
         part_periodic(args.periodic_dim, steps=steps, batch=128)
 
 
