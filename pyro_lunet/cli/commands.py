@@ -149,14 +149,14 @@ def discrete_bits_per_dim(model, rows: torch.Tensor, levels: int,
                           draws: int = NOISE_DRAWS, seed: int = 0) -> torch.Tensor:  # fmt: skip
     r"""Each row's bits/dim in the data's discrete space under a discrete-image model.
 
-    For integer rows :math:`x \in \{0..L-1\}^D` and ``model`` a density of
-    :math:`y = x + v` (the command line's, :mod:`~pyro_lunet.cli.checkpoint`), the mean
+    For integer rows :math:`x \in \{0, \dots, L-1\}^D` and ``model`` a density of
+    :math:`y = x + v` (the command line's, :mod:`~pyro_lunet.cli.checkpoint`): the mean,
     over ``draws`` uniform-noise draws :math:`u = (x + v) / L`
-    (:func:`~pyro_lunet.image_flows.dequantize`, a generator seeded with ``seed``) of
-    :func:`~pyro_lunet.bits_per_dim`:math:`(\log p(u), D, L) = (-\log p(u) + D \log L) /
-    (D \log 2)`, with :math:`\log p(u) = \log p_y(L u) + D \log L` (the scaling's
-    log-det). By Jensen each draw's expectation bounds :math:`-\log_2 P(x) / D` from
-    above; a uniform model gives :math:`\log_2 L`.
+    (:func:`~pyro_lunet.image_flows.dequantize`, from a generator seeded with ``seed``), of
+    :func:`~pyro_lunet.bits_per_dim`, :math:`(-\log p(u) + D \log L) / (D \log 2)`, with
+    :math:`\log p(u) = \log p_y(L u) + D \log L` (the scaling's log-det). By Jensen each
+    draw's expectation bounds :math:`-\log_2 P(x) / D` from above; a uniform model gives
+    :math:`\log_2 L`.
     """
     dim = rows.shape[-1]
     gen = torch.Generator(device=rows.device).manual_seed(seed)
