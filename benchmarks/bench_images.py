@@ -17,8 +17,11 @@ Two parts, one run, one machine (printed):
    the 64 pixels (ButterflyFlow's permuted-pixel experiment; with and without
    a whole-image butterfly), and 3x8x8 colour patches cut from scikit-learn's
    two bundled photos (256 grey levels, like BSDS300 patches). Rows: every
-   family's channel mixer, Pyro's ``GeneralizedChannelPermute`` and a fixed
-   channel reversal (RealNVP-style). Metric: test bits/dim in the data's
+   family's channel mixer, Pyro's ``GeneralizedChannelPermute``, a fixed
+   channel reversal (RealNVP-style), and normflows' Glow (``MultiscaleFlow`` of
+   ``GlowBlock``s: the same levels, steps, coupling network and hidden width, the
+   same data, dequantization, logit map, loop and formula; skipped when normflows is
+   not installed). Metric: test bits/dim in the data's
    discrete space, ``(-log p(u) + D log L) / (D log 2)`` with ``u = (x +
    U[0,1)) / L`` and the logit map counted in ``log p``
    (:func:`pyro_lunet.bits_per_dim`), averaged over 4 dequantization draws,
@@ -32,17 +35,21 @@ Two parts, one run, one machine (printed):
    full-covariance Gaussian's.
 
 Nothing is downloaded. ``--quick`` takes minutes on 2 cores (150 fit steps,
-300 periodic steps); the default trains ~3x longer, ``--full`` 10x.
+300 periodic steps); the default trains ~3x longer, ``--full`` 10x;
+``--fit-steps`` and ``--periodic-steps`` set either directly, ``--seeds N`` repeats
+every fit with N seeds (mean and standard deviation).
 Run ``PYTHONPATH=. python benchmarks/bench_images.py [--quick] [--threads 1]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import subprocess
 import time
+import warnings
 
 import pyro.distributions as dist
 import torch
@@ -194,10 +201,38 @@ def _model(flow, shape):
     return dist.TransformedDistribution(base, [flow, unit_interval(0.05)])
 
 
+def _train_and_score(log_prob, module, images, levels, steps, batch, seed):
+    """Adam (lr 2e-3) on ``-log_prob(u)`` of freshly dequantized batches, then the test
+    bits/dim (:func:`bits_per_dim`, the mean of 4 dequantization draws) and the median
+    step time. ``log_prob`` maps ``u`` in ``[0, 1)^D`` to ``log p(u)`` (nats, per image).
+    The same loop for every row, so only the model differs."""
+    train, test = _split(images)
+    opt = torch.optim.Adam(module.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    module.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(train), (batch,), generator=gen)
+        u = dequantize(train[idx], levels, generator=gen)
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = -log_prob(u).mean()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    module.eval()
+    bpd = []
+    with torch.no_grad():
+        for _ in range(4):
+            u = dequantize(test, levels, generator=gen)
+            bpd.append(bits_per_dim(log_prob(u), test[0].numel(), levels).mean().item())
+    params = sum(p.numel() for p in module.parameters())
+    return statistics.mean(bpd), statistics.median(times), params
+
+
 def fit(images, levels, layer, steps, batch, hidden, steps_per_level, image_mixer=None, seed=0):
     torch.manual_seed(seed)
     shape = tuple(images.shape[1:])
-    train, test = _split(images)
     flow = image_flow(
         shape,
         num_levels=2,
@@ -207,52 +242,93 @@ def fit(images, levels, layer, steps, batch, hidden, steps_per_level, image_mixe
         image_mixer=image_mixer,
     )
     model = _model(flow, shape)
-    opt = torch.optim.Adam(flow.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(seed)
-    times = []
-    flow.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(train), (batch,), generator=gen)
-        u = dequantize(train[idx], levels, generator=gen)
-        start = time.perf_counter()
-        opt.zero_grad()
-        loss = -model.log_prob(u).mean()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    flow.eval()
-    bpd = []
-    with torch.no_grad():
-        for _ in range(4):
-            u = dequantize(test, levels, generator=gen)
-            bpd.append(bits_per_dim(model.log_prob(u), test[0].numel(), levels).mean().item())
-    params = sum(p.numel() for p in flow.parameters())
-    return statistics.mean(bpd), statistics.median(times), params
+    return _train_and_score(model.log_prob, flow, images, levels, steps, batch, seed)
 
 
-def part_fits(datasets, steps, batch, hidden, steps_per_level):
+def normflows_glow(shape, hidden, steps_per_level, num_levels=2):
+    """normflows' Glow (``GlowBlock``: affine coupling with a 3-1-3 conv net, LU 1x1
+    convolution, actnorm; ``Squeeze``, ``Merge``; learned diagonal Gaussian bases) in
+    ``MultiscaleFlow``, at the architecture of our rows: ``num_levels`` levels of
+    ``steps_per_level`` blocks, level ``l`` (1 = finest) on ``2^(l+1) C`` channels of
+    ``H/2^l x W/2^l``, half of them factored out between levels."""
+    import normflows as nf
+
+    # normflows' LU 1x1 convolution calls torch.lu, deprecated in torch 2: its warning,
+    # once per run, is about normflows' code and would only clutter the table.
+    warnings.filterwarnings("ignore", message="torch.lu is deprecated")
+    c, h, w = shape
+    q0, flows, merges = [], [], []
+    # MultiscaleFlow lists levels from the coarsest (sampling order): level L first.
+    for level in range(num_levels, 0, -1):
+        channels, size = c * 2 ** (level + 1), (h // 2**level, w // 2**level)
+        blocks = [nf.flows.GlowBlock(channels, hidden) for _ in range(steps_per_level)]
+        flows.append([*blocks, nf.flows.Squeeze()])  # ends at (channels / 4, 2 size)
+        if level == num_levels:
+            q0.append(nf.distributions.DiagGaussian((channels, *size)))
+        else:  # the half factored out at this level, merged back in (sampling direction)
+            q0.append(nf.distributions.DiagGaussian((channels // 2, *size)))
+            merges.append(nf.flows.Merge())
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+def fit_normflows_glow(images, levels, steps, batch, hidden, steps_per_level, seed=0):
+    """The same fit as :func:`fit` with normflows' Glow in place of :func:`image_flow`:
+    the same data, dequantization, logit map (:func:`unit_interval`, its log-det counted
+    here), loop and bits/dim formula."""
+    torch.manual_seed(seed)
+    glow = normflows_glow(tuple(images.shape[1:]), hidden, steps_per_level)
+    logit = unit_interval(0.05)
+
+    def log_prob(u):
+        v = logit.inv(u)  # the logit space the flow models
+        ldj = logit.log_abs_det_jacobian(v, u).flatten(1).sum(1)  # dims of u per dim of v
+        return glow.log_prob(v, None) - ldj
+
+    return _train_and_score(log_prob, glow, images, levels, steps, batch, seed)
+
+
+def part_fits(datasets, steps, batch, hidden, steps_per_level, seeds=1):
+    spread = f", mean +- standard deviation over seeds 0..{seeds - 1}" if seeds > 1 else ""
     print(
         f"\n## 2. image_flow fits: 2 levels x {steps_per_level} steps, hidden {hidden}, "
-        f"{steps} Adam steps (lr 2e-3) of batch {batch}; test bits/dim (lower is better)\n"
+        f"{steps} Adam steps (lr 2e-3) of batch {batch}; test bits/dim (lower is better)"
+        f"{spread}; the seed sets the initialization and the batches, not the split\n"
     )
-    rows = [(fam, fam, None) for fam in families()]
-    rows.append(("pyro GeneralizedChannelPermute", GeneralizedChannelPermute, None))
-    rows.append(("fixed reversal (RealNVP)", _reverse, None))
+
+    def ours(layer, whole=None, only=None):
+        def run(data_name, images, levels, seed):
+            if only is not None and data_name != only:
+                return None
+            return fit(images, levels, layer, steps, batch, hidden, steps_per_level, whole, seed)
+
+        return run
+
+    rows = [(fam, ours(fam)) for fam in families()]
+    rows.append(("pyro GeneralizedChannelPermute", ours(GeneralizedChannelPermute)))
+    rows.append(("fixed reversal (RealNVP)", ours(_reverse)))
+    rows.append(("lu + whole-image butterfly", ours("lu", "butterfly", "permuted digits")))
+    if importlib.util.find_spec("normflows") is not None:
+
+        def glow(data_name, images, levels, seed):
+            return fit_normflows_glow(images, levels, steps, batch, hidden, steps_per_level, seed)
+
+        rows.append(("normflows Glow (MultiscaleFlow)", glow))
+    else:
+        print("(normflows is not installed: no normflows Glow row)\n")
     names = list(datasets)
     print("| mixer | " + " | ".join(names) + f" | step ms ({names[0]}) | parameters ({names[0]}) |")
     print("|---" * (len(names) + 3) + "|")
-    extra = [("lu + whole-image butterfly", "lu", "butterfly")]
-    for name, layer, whole in rows + extra:
+    for name, run in rows:
         cells, first = [], None
         for data_name, (images, levels) in datasets.items():
-            if whole is not None and data_name != "permuted digits":
+            results = [run(data_name, images, levels, seed) for seed in range(seeds)]
+            if results[0] is None:
                 cells.append("")
                 continue
-            bpd, step, params = fit(
-                images, levels, layer, steps, batch, hidden, steps_per_level, whole
-            )
-            cells.append(f"{bpd:.3f}")
-            first = first or (step, params)
+            bpd = [r[0] for r in results]
+            cell = f"{statistics.mean(bpd):.3f}"
+            cells.append(cell + (f" +- {statistics.stdev(bpd):.3f}" if seeds > 1 else ""))
+            first = first or (statistics.median(r[1] for r in results), results[0][2])
         step, params = first
         print(
             f"| {name} | " + " | ".join(cells) + f" | {1e3 * step:.1f} | {params:,} |", flush=True
@@ -327,6 +403,11 @@ def main(argv=None):
     parser.add_argument("--skip-mixers", action="store_true")
     parser.add_argument("--skip-periodic", action="store_true")
     parser.add_argument("--periodic-dim", type=int, default=64)
+    parser.add_argument(
+        "--periodic-steps", type=int, help="Adam steps per periodic-signal flow (overrides)"
+    )
+    parser.add_argument("--fit-steps", type=int, help="Adam steps per image fit (overrides)")
+    parser.add_argument("--seeds", type=int, default=1, help="image fits per row and data set")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# bench_images on {machine()}")
@@ -339,10 +420,10 @@ def main(argv=None):
             "permuted digits": (permuted(digits), levels),
             "patches 3x8x8": patches_data(),
         }
-        steps = 150 if args.quick else 1500 if args.full else 400
-        part_fits(datasets, steps=steps, batch=64, hidden=32, steps_per_level=2)
+        steps = args.fit_steps or (150 if args.quick else 1500 if args.full else 400)
+        part_fits(datasets, steps=steps, batch=64, hidden=32, steps_per_level=2, seeds=args.seeds)
     if not args.skip_periodic:
-        steps = 300 if args.quick else 3000 if args.full else 1000
+        steps = args.periodic_steps or (300 if args.quick else 3000 if args.full else 1000)
         part_periodic(args.periodic_dim, steps=steps, batch=128)
 
 

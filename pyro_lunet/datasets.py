@@ -7,6 +7,7 @@ import math
 import torch
 
 __all__ = [
+    "DIGITS_LEVELS",
     "DIGITS_SHAPE",
     "TOY_DATA",
     "checkerboard",
@@ -74,16 +75,21 @@ def checkerboard(num_samples: int, seed: int | None = 0) -> torch.Tensor:
 
 #: The digits' image shape: 8 x 8 pixels, one of 17 grey levels each.
 DIGITS_SHAPE = (8, 8)
+#: The digits' number of grey levels: integers 0..16.
+DIGITS_LEVELS = 17
 
 
-def digits(seed: int | None = 0) -> torch.Tensor:
+def digits(seed: int | None = 0, dequantize: bool = True) -> torch.Tensor:
     """scikit-learn's bundled 8 x 8 handwritten digits, dequantized: ``(1797, 64)``.
 
     Each pixel is an integer grey level in 0..16; adding uniform noise in
     [0, 1) (seeded) gives continuous values in [0, 17), whose density a flow
     can fit without collapsing onto the integers (the standard
-    dequantization). No download: the images ship inside scikit-learn, which
-    this function needs (the ``cli`` extra: ``pip install "pyro-lunet[cli]"``).
+    dequantization). ``dequantize=False`` returns the integer grey levels
+    themselves (as floats), for a model that draws fresh noise every step
+    (:func:`pyro_lunet.image_flows.dequantize`). No download: the images ship
+    inside scikit-learn, which this function needs (the ``cli`` extra:
+    ``pip install "pyro-lunet[cli]"``).
     """
     try:
         from sklearn.datasets import load_digits
@@ -93,6 +99,8 @@ def digits(seed: int | None = 0) -> torch.Tensor:
         ) from None
 
     levels = torch.from_numpy(load_digits().data).float()
+    if not dequantize:
+        return levels
     return levels + torch.rand(levels.shape, generator=_generator(seed))
 
 

@@ -474,6 +474,8 @@ def fit_density(
     val_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = True,
+    *,
+    dequantize: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> FitResult:
     """Fits ``TransformedDistribution(N(0, I), flow)`` to ``data``'s rows by maximum likelihood.
 
@@ -529,6 +531,13 @@ def fit_density(
     :param float val_fraction: the held-out share, in (0, 1).
     :param int seed: seeds the split and the batch order (not the flow).
     :param bool progress: whether to show progress (``False``: silent).
+    :param dequantize: for discrete data, a function ``(rows, generator) -> rows`` that
+        adds noise (e.g. ``lambda x, g: L * pyro_lunet.image_flows.dequantize(x, L, g)``,
+        ``x + U[0, 1)``): applied to every training batch with fresh noise each step,
+        and once to the held-out rows, so that every epoch is scored on the same noise.
+        The noise comes from a generator on ``data``'s device seeded with ``seed``, so
+        a fit is reproducible (and the same on every rank). ``None`` (default): the
+        rows are used as they are.
     :returns: a :class:`FitResult`.
     :raises ValueError: on bad arguments, including data with NaN or
         infinite rows (naming how many and which), constant columns in the
@@ -546,7 +555,15 @@ def fit_density(
     # One generator draws the split, then each epoch's batch order.
     gen = torch.Generator().manual_seed(seed)
     train, val, train_index, val_index = _split(data, val_fraction, gen)
-    _check_values(data, train)
+    noise = None
+    if dequantize is not None:
+        noise = torch.Generator(device=data.device).manual_seed(seed)
+        # Integer data may hold constant columns (a digit's corner pixel is always 0):
+        # with noise they are no longer constant, so check what the model will see.
+        val = dequantize(val, noise)
+        _check_values(data, dequantize(train, noise))
+    else:
+        _check_values(data, train)
     # Without validation a NaN from a diverging step reaches the loss, which
     # is checked once an epoch, rather than failing deep inside Pyro.
     base = standard_normal(data.shape[1], data, validate_args=False)
@@ -567,9 +584,10 @@ def fit_density(
         for epoch in range(epochs):
             perm = torch.randperm(train.shape[0], generator=gen).to(data.device)
             on_batch = None if bar is None else partial(_show_running, bar, epoch)
-            train_nll = train_epoch(
-                model, train[perm].split(batch_size), optimizer, maintenance, on_batch
-            )
+            batches = train[perm].split(batch_size)
+            if noise is not None:  # fresh noise for every step
+                batches = (dequantize(batch, noise) for batch in batches)
+            train_nll = train_epoch(model, batches, optimizer, maintenance, on_batch)
             val_nll = mean_nll(model, val, 4 * batch_size)
             if not (math.isfinite(val_nll) and math.isfinite(train_nll)):
                 diverged = _diverged(epoch, lr, _fallback(best, at_call))

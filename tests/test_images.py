@@ -527,3 +527,125 @@ def test_cli_fits_and_reloads_an_image_flow(tmp_path, monkeypatch, capsys):
     torch.testing.assert_close(model.log_prob(rows), reloaded)
     assert main(["fit", "moons", "--flow", "image:lu", "--out", str(tmp_path / "x")]) == 2
     assert "needs rows that are images" in capsys.readouterr().err
+
+
+# ------------------------------------------------ command line: discrete images
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One short ``pyro-lunet fit digits --flow image:lu`` (discrete: 17 levels) run."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from pyro_lunet.cli.main import main
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("digits") / "run"
+    args = ["fit", "digits", "--flow", "image:lu", "--blocks", "1", "--epochs", "2"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_cli_discrete_bits_per_dim_match_an_independent_computation(digits_run):
+    """metrics.json's ``bits_per_dim_discrete`` equals bits_per_dim of the saved flow,
+    rebuilt by hand in the unit cube (flow, then unit_interval; no scaling by L), on the
+    same noise; and the one-draw NLL in nats bounds the same quantity."""
+    import json
+
+    from pyro_lunet.cli.checkpoint import UNIT_INTERVAL_ALPHA, load_model
+    from pyro_lunet.datasets import digits
+    from pyro_lunet.training import train_val_split
+
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    d = metrics["bits_per_dim_discrete"]
+    assert (d["levels"], d["dim"], d["noise_draws"]) == (17, 64, 4)
+    model, config = load_model(digits_run)
+    assert config.levels == 17
+    flow = model.transforms[0]
+    cube = dist.transforms.IndependentTransform(unit_interval(UNIT_INTERVAL_ALPHA), 1)
+    unit_model = dist.TransformedDistribution(dist.Normal(torch.zeros(64), 1.0).to_event(1),
+                                              [flow, cube])  # fmt: skip
+    _, val, _, _ = train_val_split(digits(dequantize=False), 0.1, seed=0)
+    gen = torch.Generator().manual_seed(d["noise_seed"])
+    with torch.no_grad():
+        draws = [bits_per_dim(unit_model.log_prob(dequantize(val, 17, gen)), 64, 17)
+                 for _ in range(d["noise_draws"])]  # fmt: skip
+    expected = torch.stack(draws).double().mean().item()
+    assert d["val"] == pytest.approx(expected, abs=1e-5)
+    # fit_density's held-out NLL (one fixed draw) in bits/dim: the same bound, other noise
+    assert metrics["val_nll"]["bits_per_dim"] == pytest.approx(d["val"], abs=0.05)
+    assert 0 < d["val"] < math.log2(17) + 0.5  # trained: near or below a uniform model
+
+
+def test_discrete_bits_per_dim_of_a_uniform_model_is_log2_levels():
+    # a density uniform on [0, L)^D in the data's units: -log2 P(x) / D = log2 L exactly
+    from pyro_lunet.cli.commands import discrete_bits_per_dim
+
+    levels, dim = 17, 64
+    uniform = dist.TransformedDistribution(
+        dist.Uniform(torch.zeros(dim), torch.full((dim,), float(levels))).to_event(1), []
+    )
+    rows = torch.randint(0, levels, (10, dim)).float()
+    bpd = discrete_bits_per_dim(uniform, rows, levels, draws=3)
+    torch.testing.assert_close(bpd, torch.full((10,), math.log2(levels), dtype=F64))
+
+
+def test_cli_samples_and_scores_of_discrete_images_are_in_the_data_units(digits_run, tmp_path):
+    import numpy as np
+
+    from pyro_lunet.cli.main import main
+
+    out = tmp_path / "samples.npy"
+    assert main(["sample", str(digits_run), "-n", "50", "-o", str(out)]) == 0
+    samples = np.load(out)
+    assert samples.shape == (50, 64)
+    assert (samples == samples.round()).all() and samples.min() >= 0 and samples.max() <= 16
+    scores = tmp_path / "scores.npy"
+    assert main(["score", str(digits_run), str(out), "-o", str(scores)]) == 0
+    log_p = np.load(scores)
+    assert log_p.shape == (50,) and np.isfinite(log_p).all()
+
+
+def test_cli_refuses_wrong_levels(tmp_path, capsys):
+    import numpy as np
+
+    from pyro_lunet.cli.main import main
+
+    def error(*args):
+        assert main(["fit", *map(str, args), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+        return capsys.readouterr().err
+
+    pytest.importorskip("sklearn")
+    assert "13 is not an integer in 0..9; --levels 10 takes integer levels 0..9" in error(
+        "digits", "--flow", "image:lu", "--levels", 10
+    )
+    images = np.random.default_rng(0).integers(0, 4, size=(40, 4, 4)).astype(float)
+    images[3, 1, 2] = 2.5
+    np.save(tmp_path / "images.npy", images)
+    message = error(tmp_path / "images.npy", "--flow", "image:lu", "--levels", 4)
+    assert "row 4, column 7: 2.5 is not an integer in 0..3" in message
+    assert "--levels is for image flows" in error("digits", "--flow", "coupling:lu", "--levels", 17)
+    with pytest.raises(SystemExit):
+        main(["fit", "digits", "--flow", "image:lu", "--levels", "1"])
+    assert "at least 2, got 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_fits_a_file_of_integer_images_with_levels(tmp_path):
+    import json
+
+    import numpy as np
+
+    pytest.importorskip("matplotlib")
+    from pyro_lunet.cli.main import main
+
+    images = np.random.default_rng(0).integers(0, 4, size=(60, 4, 4)).astype(np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    out = tmp_path / "run"
+    args = ["fit", str(tmp_path / "images.npy"), "--flow", "image:circulant", "--levels", "4"]
+    assert main([*args, "--blocks", "1", "--epochs", "1", "--quiet", "--out", str(out)]) == 0
+    d = json.loads((out / "metrics.json").read_text())["bits_per_dim_discrete"]
+    assert d["levels"] == 4 and d["dim"] == 16
+    # near the uniform model's log2 4 = 2 bits after one epoch: the right units
+    assert 1.0 < d["val"] < 3.0
+    assert main(["sample", str(out), "-n", "20", "-o", str(tmp_path / "s.npy")]) == 0
+    samples = np.load(tmp_path / "s.npy")
+    assert set(np.unique(samples)) <= {0.0, 1.0, 2.0, 3.0}

@@ -71,6 +71,32 @@ def test_fit_density_history_checkpoint_and_progress(capsys):
     assert "train NLL" in err and "val NLL" in err and "epoch 4/4" in err
 
 
+def test_fit_density_dequantizes_every_batch_afresh_and_the_held_out_rows_once():
+    """Integer rows with a constant column are fitted through ``dequantize``: fresh noise
+    for every training batch (never the same rows twice), one fixed draw for validation."""
+    torch.manual_seed(0)
+    data = torch.randint(0, 4, (200, 3)).double()
+    data[:, 2] = 0.0  # constant without the noise: refused unless it is dequantized
+    seen = []
+
+    def noise(rows, generator):
+        out = rows + torch.rand(rows.shape, dtype=rows.dtype, generator=generator)
+        seen.append(out)
+        return out
+
+    flow = activation_flow(3, 1, layer="lu", role="density").to(torch.float64)
+    with pytest.raises(ValueError, match="constant"):
+        fit_density(flow, data, epochs=1, progress=False)
+    result = fit_density(flow, data, epochs=3, batch_size=60, val_fraction=0.2, lr=1e-2,
+                         seed=1, progress=False, dequantize=noise)  # fmt: skip
+    val, checked, batches = seen[0], seen[1], seen[2:]
+    assert len(val) == 40 and len(checked) == 160 and len(batches) == 3 * 3
+    assert all(((b >= 0) & (b < 4) & (b != b.floor())).all() for b in batches)
+    assert len({b.sum().item() for b in batches}) == len(batches)  # fresh noise each step
+    with torch.no_grad():  # the best epoch was scored on the one held-out draw
+        assert -result.model.log_prob(val).mean().item() == pytest.approx(result.best_val_nll)
+
+
 def test_fit_density_checks_inputs():
     flow = activation_flow(3, 0, role="density")  # float32
     with pytest.raises(ValueError, match="device and dtype"):

@@ -32,7 +32,7 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 
 from .._scoring import standard_normal
 from ..flows import activation_flow, coupling_flow
-from ..image_flows import image_flow
+from ..image_flows import image_flow, unit_interval
 from ..transforms.lu_net import lu_net
 from ..transforms.registry import FAMILIES
 
@@ -43,6 +43,7 @@ __all__ = [
     "ModelConfig",
     "RUN_MARKER",
     "build_model",
+    "discrete_config",
     "flow_names",
     "free_name",
     "load_model",
@@ -89,6 +90,8 @@ BUILDERS: dict[str, Callable[[int, int, str], ComposeTransformModule]] = {
 
 #: The image flows' coupling networks' width (``hidden_channels``) on the command line.
 IMAGE_HIDDEN_CHANNELS = 32
+#: The logit map's margin (:func:`~pyro_lunet.image_flows.unit_interval`) of discrete images.
+UNIT_INTERVAL_ALPHA = 0.05
 
 
 def image_rows_flow(
@@ -167,6 +170,8 @@ class ModelConfig:
     scale: list[float]
     dtype: str = "float32"
     image_shape: list[int] | None = None
+    #: Grey levels ``L`` of discrete images (integers ``0..L-1``), else ``None``.
+    levels: int | None = None
     data: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     format: int = CHECKPOINT_FORMAT
@@ -195,10 +200,20 @@ def build_model(
     like = torch.empty((), device=device, dtype=dtype)
     mean, scale = (like.new_tensor(v) for v in (config.mean, config.scale))
     standardize = dist.transforms.AffineTransform(mean, scale, event_dim=1)
-    model = dist.TransformedDistribution(
-        standard_normal(config.input_dim, like), [flow, standardize]
-    )
+    transforms = [flow, standardize]
+    if config.levels is not None:
+        if builder != "image":
+            raise CheckpointError(f"levels={config.levels} is for image flows, not {config.flow}")
+        # the flow's output into the unit cube, then (the standardization's slot) y = L u
+        cube = dist.transforms.IndependentTransform(unit_interval(UNIT_INTERVAL_ALPHA), 1)
+        transforms = [flow, cube, standardize]
+    model = dist.TransformedDistribution(standard_normal(config.input_dim, like), transforms)
     return model, flow
+
+
+def discrete_config(levels: int, dim: int) -> dict:
+    """``mean`` and ``scale`` of a discrete-image config: ``y = 0 + L u`` in every column."""
+    return {"mean": [0.0] * dim, "scale": [float(levels)] * dim}
 
 
 def resolve(path: str | os.PathLike) -> Path:

@@ -18,8 +18,10 @@ from .. import datasets
 
 __all__ = [
     "BUILT_IN",
+    "BUILT_IN_LEVELS",
     "DataError",
     "Rows",
+    "check_levels",
     "check_range",
     "check_width",
     "load_rows",
@@ -52,9 +54,9 @@ class Rows:
         return self.values.shape[1]
 
 
-def _digits(num_rows: int, seed: int) -> np.ndarray:
+def _digits(num_rows: int, seed: int, discrete: bool = False) -> np.ndarray:
     try:
-        return datasets.digits(seed).double().numpy()
+        return datasets.digits(seed, dequantize=not discrete).double().numpy()
     except ImportError as error:
         raise DataError(f"digits: {error}") from None
 
@@ -72,13 +74,19 @@ BUILT_IN = {
     **{name: (_toy(name), None) for name in datasets.TOY_DATA},
     "digits": (_digits, datasets.DIGITS_SHAPE),
 }
+#: The built-in discrete data sets' numbers of levels (values are integers ``0..L-1``);
+#: with ``discrete=True`` :func:`load_rows` reads these as the integers themselves.
+BUILT_IN_LEVELS = {"digits": datasets.DIGITS_LEVELS}
 
 
 def load_rows(
     source: str, *, num_rows: int = 20000, seed: int = 0, drop_nonfinite: bool = False,
-    key: str | None = None,
+    key: str | None = None, discrete: bool = False,
 ) -> Rows:  # fmt: skip
     """Reads ``source``: a built-in name (:data:`BUILT_IN`) or a ``.csv``/``.npy``/``.npz`` path.
+
+    ``discrete`` reads a built-in discrete data set (:data:`BUILT_IN_LEVELS`) as its
+    integer levels rather than dequantized once; files are read as they are.
 
     A CSV holds one row per line, comma-separated, optionally under one header
     line of names. An NPY array (or an NPZ member, picked by ``key`` where the
@@ -90,7 +98,9 @@ def load_rows(
     """
     if source in BUILT_IN:
         load, image_shape = BUILT_IN[source]
-        values = load(num_rows, seed)
+        values = (
+            load(num_rows, seed, discrete) if source in BUILT_IN_LEVELS else load(num_rows, seed)
+        )
         return Rows(values, source, np.arange(len(values)), image_shape=image_shape)
     path = Path(source)
     if not path.exists():
@@ -203,6 +213,21 @@ def check_width(rows: Rows, expected: int, what: str) -> None:
     """Refuses rows whose width is not ``expected`` (the width ``what`` takes)."""
     if rows.dim != expected:
         raise DataError(f"{rows.source}: rows have {rows.dim} values, but {what} takes {expected}")
+
+
+def check_levels(rows: Rows, levels: int, what: str | None = None) -> None:
+    """Refuses rows that are not integers in ``0..levels-1``, naming the first value that
+    is not, where it is and what was expected."""
+    what = what or f"--levels {levels}"
+    values = rows.values
+    bad = (values != np.floor(values)) | (values < 0) | (values > levels - 1)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise DataError(
+            f"{rows.source}: row {rows.row_numbers[i] + 1}, column {j + 1}: {values[i, j]:g} is "
+            f"not an integer in 0..{levels - 1}; {what} takes integer levels "
+            f"0..{levels - 1} (the values here run from {values.min():g} to {values.max():g})"
+        )
 
 
 def standardization(rows: Rows, dtype: str = "float64") -> tuple[np.ndarray, np.ndarray]:

@@ -52,6 +52,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _levels(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a number of levels of at least 2, got {text}")
+    return value
+
+
 def _seed(text: str) -> int:
     value = int(text)
     if not -(2**63) <= value < 2**64:  # what torch.manual_seed takes
@@ -124,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/DATA, or runs/DATA-2, ...)")
     p.add_argument("--image-shape", metavar="HxW", help="rows are H x W images (.npy of "
                    "(N, H, W) arrays and the digits are known to be)")  # fmt: skip
+    p.add_argument("--levels", type=_levels, metavar="L",
+                   help="image flows: the rows are integer grey levels 0..L-1 (e.g. 256 for "
+                   "8-bit images), fitted dequantized, with bits/dim in their discrete "
+                   "space (default: the built-in data set's, 17 for digits; for files, "
+                   "continuous)")  # fmt: skip
     p.add_argument("--nproc", type=_positive_int, metavar="N",
                    help="train data-parallel in N processes on this machine (launched through "
                    "torchrun; under torchrun itself, leave it out)")  # fmt: skip
@@ -134,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help="rows to score (.csv/.npy/.npz or built-in)")
     p.add_argument("-o", "--output", help="write row,log_prob (row: 1-based position in DATA) "
                    "to this .csv, or the log_prob vector to .npy, instead of stdout")  # fmt: skip
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seeds the dequantization noise of discrete-image "
+                   "checkpoints (0)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output file (never DATA or the checkpoint)")  # fmt: skip
