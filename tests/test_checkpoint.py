@@ -135,4 +135,6 @@ def test_a_checkpoint_written_before_the_cli_package_still_loads():
     assert config.flow == "spline:butterfly" and config.format == 1
     with torch.no_grad():
         log_prob = model.log_prob(torch.tensor(expected["rows"]))
-    torch.testing.assert_close(log_prob, torch.tensor(expected["log_prob"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        log_prob, torch.tensor(expected["log_prob"]), rtol=1e-5, atol=1e-5
+    )  # float32, any CPU
