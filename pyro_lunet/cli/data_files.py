@@ -221,12 +221,21 @@ def check_levels(rows: Rows, levels: int, what: str | None = None) -> None:
     what = what or f"--levels {levels}"
     values = rows.values
     bad = (values != np.floor(values)) | (values < 0) | (values > levels - 1)
+    _refuse_first(
+        rows, bad,
+        lambda value: f"{value:g} is not an integer in 0..{levels - 1}; {what} takes integer "
+        f"levels 0..{levels - 1} (the values here run from {values.min():g} to {values.max():g})",
+    )  # fmt: skip
+
+
+def _refuse_first(rows: Rows, bad: np.ndarray, describe) -> None:
+    """A ``DataError`` naming the first value where ``bad`` holds, its place, and
+    ``describe(value)``; nothing if there is none."""
     if bad.any():
         i, j = np.argwhere(bad)[0]
         raise DataError(
-            f"{rows.source}: row {rows.row_numbers[i] + 1}, column {j + 1}: {values[i, j]:g} is "
-            f"not an integer in 0..{levels - 1}; {what} takes integer levels "
-            f"0..{levels - 1} (the values here run from {values.min():g} to {values.max():g})"
+            f"{rows.source}: row {rows.row_numbers[i] + 1}, column {j + 1}: "
+            + describe(rows.values[i, j])
         )
 
 
@@ -277,11 +286,9 @@ def check_range(rows: Rows, dtype: str) -> None:
 
     Only float32 has such values: beyond float64's range a value reads as infinite.
     """
-    beyond = np.abs(rows.values) > np.finfo(dtype).max
-    if beyond.any():
-        i, j = np.argwhere(beyond)[0]
-        raise DataError(
-            f"{rows.source}: row {rows.row_numbers[i] + 1}, column {j + 1}: "
-            f"{rows.values[i, j]:.3g} is beyond the range of {dtype} "
-            f"(±{np.finfo(dtype).max:.3g}); fit with --dtype float64 or rescale the data"
-        )
+    limit = np.finfo(dtype).max
+    _refuse_first(
+        rows, np.abs(rows.values) > limit,
+        lambda value: f"{value:.3g} is beyond the range of {dtype} (±{limit:.3g}); fit with "
+        "--dtype float64 or rescale the data",
+    )  # fmt: skip
