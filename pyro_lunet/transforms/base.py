@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.distributions import constraints
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._fused import Kernel
+from ._fused import DenseSide, Kernel
 
 __all__ = [
     "ROLES",
@@ -577,6 +577,16 @@ class InvertibleLinear(VersionedCacheModule):
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, bias={self.bias is not None}"
+
+    def _use_dense_matrix(self) -> bool:
+        """Whether the layer is applied as its dense matrix (:meth:`_dense_sides`) at this size:
+        then its rows go through :meth:`_dense_rows`, and a flow runs it as a dense kernel."""
+        return False
+
+    def _kernel(self, inverse: bool) -> tuple[Kernel, DenseSide] | None:
+        if self._use_dense_matrix() and torch.is_grad_enabled():  # else the memoized matrix
+            return DenseSide(self, inverse).kernel()
+        return None
 
     def _dense_group(self) -> tuple:
         """What layers must share to have their matrices assembled together (see

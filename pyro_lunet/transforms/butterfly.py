@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._fused import DenseKernel, DenseSide, stack_params
+from ._fused import stack_params
 from .base import InvertibleLinear, Role, check_choice, check_positive_int, random_signs
 from .registry import register_family
 
@@ -525,13 +525,8 @@ class ButterflyLinear(InvertibleLinear):
     # however many layers a flow has (their matrices are assembled together),
     # and one GEMM applies it. Memoized under no_grad; under grad a flow runs
     # it as a dense kernel.
-    def _use_dense(self) -> bool:
+    def _use_dense_matrix(self) -> bool:
         return self.input_dim <= _DENSE_MAX and self.num_levels > 0
-
-    def _kernel(self, inverse: bool) -> tuple[DenseKernel, DenseSide] | None:
-        if not (self._use_dense() and torch.is_grad_enabled()):
-            return None
-        return DenseSide(self, inverse).kernel()
 
     def _dense_group(self) -> tuple:
         return (self.input_dim, self.num_levels)
@@ -577,12 +572,12 @@ class ButterflyLinear(InvertibleLinear):
     # The bias folded into the products' last pass (and, inverse, the blocks
     # assembled once for both W^-1 y and W^-1 b).
     def _affine_rows(self, x: Tensor) -> Tensor:
-        if self._use_dense():
+        if self._use_dense_matrix():
             return self._dense_rows(x, inverse=False)
         return self._product(x, self._matrices(inverse=False), False, self.bias)
 
     def _inverse_affine_rows(self, y: Tensor) -> Tensor:
-        if self._use_dense():
+        if self._use_dense_matrix():
             return self._dense_rows(y, inverse=True)
         mats = self._matrices(inverse=True)
         shift = None

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._fused import DenseKernel, DenseSide, stack_params
+from ._fused import stack_params
 from .base import InvertibleLinear, Role, check_choice, check_positive_int, random_signs
 from .registry import register_family
 
@@ -353,10 +353,8 @@ class CirculantDiagonalLinear(InvertibleLinear):
     # Small D: a flow runs the layer as its dense matrix (see DenseSide): a
     # few ops on the parameters of all its circulant layers at once and one
     # GEMM each, against a chain of FFTs per layer.
-    def _kernel(self, inverse: bool) -> tuple[DenseKernel, DenseSide] | None:
-        if self.input_dim > _DENSE_MAX or not torch.is_grad_enabled():
-            return None  # (without grad, the memoized matrix: _dense_rows)
-        return DenseSide(self, inverse).kernel()
+    def _use_dense_matrix(self) -> bool:
+        return self.input_dim <= _DENSE_MAX
 
     def _dense_group(self) -> tuple:
         return (self.input_dim, self.num_factors)
@@ -400,12 +398,12 @@ class CirculantDiagonalLinear(InvertibleLinear):
     # The bias is fused into the chain: W x + b adds it in the last diagonal's
     # pass, W^-1 (y - b) subtracts it in the first one.
     def _affine_rows(self, x: Tensor) -> Tensor:
-        if self.input_dim <= _DENSE_MAX:
+        if self._use_dense_matrix():
             return self._dense_rows(x, inverse=False)
         return self._chain(x, False, post=self.bias)
 
     def _inverse_affine_rows(self, y: Tensor) -> Tensor:
-        if self.input_dim <= _DENSE_MAX:
+        if self._use_dense_matrix():
             return self._dense_rows(y, inverse=True)
         return self._chain(y, True, pre=None if self.bias is None else -self.bias)
 
