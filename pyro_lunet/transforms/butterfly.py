@@ -17,6 +17,8 @@ from .registry import register_family
 __all__ = ["ButterflyLinear", "butterfly_linear"]
 
 # Up to this size a layer is applied as its dense matrix (see _dense_sides).
+# Measured (activation_flow(D, 4), one thread, dense / grouped step time):
+# guide 0.35 at D = 32, 0.51 at 64, 1.11 at 128; density 0.36, 0.45, 0.87.
 _DENSE_MAX = 64
 
 
