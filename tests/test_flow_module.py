@@ -344,3 +344,50 @@ def test_dense_side_layers_standalone_and_without_grad_match_the_flow():
         torch.testing.assert_close(y, y_plain)
         torch.testing.assert_close(x_plain, x)
         torch.testing.assert_close(layer.weight() @ x.T, (y_plain - layer.bias).T)
+
+
+# ------------------------------------------------------------ packed networks
+def _packed_copy(net):
+    """A PackedDenseNN holding ``net``'s (a Pyro DenseNN's) weights."""
+    from pyro_lunet.transforms.packed_nn import PackedDenseNN
+
+    packed = PackedDenseNN(net.input_dim, net.hidden_dims, net.param_dims).to(
+        next(net.parameters()).dtype
+    )
+    with torch.no_grad():
+        packed.flat.copy_(
+            torch.cat([t.reshape(-1) for l in net.layers for t in (l.weight, l.bias)])
+        )
+    return packed
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_packed_dense_nn_is_pyros_dense_nn_in_one_tensor(inverse):
+    """Same outputs as DenseNN; as a coupling's network inside a flow (the kernel path) the
+    same values and gradients as the coupling run by Pyro's own code."""
+    torch.manual_seed(12)
+    part = affine_coupling(5, hidden_dims=[7, 6]).double()
+    packed = _packed_copy(part.nn)
+    assert [p.shape for p in packed.parameters()] == [torch.Size([sum(
+        o * i + o for o, i in packed.shapes)])]  # fmt: skip
+    x = torch.randn(4, 2, dtype=torch.float64)
+    for a, b in zip(part.nn(x), packed(x)):
+        torch.testing.assert_close(a, b)
+
+    reference = copy.deepcopy(part)
+    part.nn = packed
+    h = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    out, log_det = Flow([part])._run(h, inverse)
+    loss = (out * weights[0]).sum() + (log_det * weights[1]).sum()
+    got = torch.autograd.grad(loss, [h, packed.flat])
+    ref_out = reference._inverse(h) if inverse else reference._call(h)
+    pair = (ref_out, h) if inverse else (h, ref_out)
+    ref_log_det = reference.log_abs_det_jacobian(*pair)
+    ref_loss = (ref_out * weights[0]).sum() + (ref_log_det * weights[1]).sum()
+    ref_params = [t for l in reference.nn.layers for t in (l.weight, l.bias)]
+    want = torch.autograd.grad(ref_loss, [h, *ref_params])
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(log_det, ref_log_det)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], torch.cat([g.reshape(-1) for g in want[1:]]))

@@ -328,10 +328,23 @@ class AffineCouplingKernel(Kernel):
 
 
 def affine_coupling_kernel(part, inverse: bool) -> tuple[Kernel, tuple] | None:
-    """The kernel of a Pyro ``AffineCoupling`` on vectors with a plain ReLU ``DenseNN``, or None."""
+    """The kernel of a Pyro ``AffineCoupling`` on vectors with a plain ReLU ``DenseNN`` (or
+    :class:`~pyro_lunet.transforms.packed_nn.PackedDenseNN`), or None."""
     from pyro.nn import DenseNN
 
+    from .packed_nn import PackedDenseNN
+
     net = getattr(part, "nn", None)
+    if (
+        torch.is_grad_enabled()
+        and type(net) is PackedDenseNN
+        and part.dim == -1
+        and type(net.f) is torch.nn.ReLU
+        and len(net.param_dims) == 2
+        and net.param_dims[0] == net.param_dims[1]
+    ):
+        clip = (part.log_scale_min_clip, part.log_scale_max_clip)
+        return AffineCouplingKernel(part.split_dim, clip, inverse), tuple(net.layer_params())
     if (
         not torch.is_grad_enabled()
         or type(net) is not DenseNN
