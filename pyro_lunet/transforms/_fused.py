@@ -239,6 +239,21 @@ class RankOneKernel(Kernel):
 
 
 # -------------------------------------------------------- affine coupling
+def soft_bound(raw: Tensor, bounds: tuple[float, float]) -> Tensor:
+    r""":math:`b \tanh(r / b)` for :math:`r > 0`, :math:`a \tanh(r / a)` below: values in
+    :math:`(a, b)` for ``bounds`` :math:`(a, b)`, :math:`a < 0 < b`, slope 1 at 0 (a
+    zero-initialized coupling still starts as the identity) and a gradient that fades
+    where the bound saturates (a hard clip's passes through and lets a network grow)."""
+    return _soft_bound_and_slope(raw, bounds)[0]
+
+
+def _soft_bound_and_slope(raw: Tensor, bounds: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    low, high = bounds
+    width = torch.where(raw > 0, raw.new_tensor(high), raw.new_tensor(low))
+    t = torch.tanh(raw / width)
+    return width * t, 1.0 - t * t
+
+
 class AffineCouplingKernel(Kernel):
     r"""Pyro's :class:`~pyro.distributions.transforms.AffineCoupling` with a ReLU ``DenseNN``.
 
@@ -248,13 +263,19 @@ class AffineCouplingKernel(Kernel):
         \qquad (m, s) = \mathrm{MLP}(x_{1:d}),
 
     :math:`s` clamped to ``[lo, hi]`` with the gradient of the identity (as
-    Pyro does), :math:`\log|\det J| = \sum s`. Params: the network's
+    Pyro does), :math:`\log|\det J| = \sum s`. With ``bounds`` :math:`(a, b)`
+    the network's raw output :math:`r` is first softly bounded,
+    :math:`s = \beta \tanh(r / \beta)` with :math:`\beta = b` for :math:`r > 0`,
+    :math:`a` below (see :func:`soft_bound`). Params: the network's
     weights and biases, in order. ``inverse`` computes :math:`x` from
     :math:`y`. Cost: the network's, O(N D) besides.
     """
 
-    def __init__(self, split: int, clip: tuple[float, float], inverse: bool):
-        self.split, self.clip, self.inverse = split, clip, inverse
+    def __init__(
+        self, split: int, clip: tuple[float, float], inverse: bool,
+        bounds: tuple[float, float] | None = None,
+    ):  # fmt: skip
+        self.split, self.clip, self.inverse, self.bounds = split, clip, inverse, bounds
 
     def forward(self, h, params):
         first, second = h[:, : self.split], h[:, self.split :]
@@ -265,18 +286,21 @@ class AffineCouplingKernel(Kernel):
                 z = torch.relu_(z)
                 hidden.append(z)
         mean, log_scale = z.split(second.shape[1], dim=1)
+        slope = None  # d s / d r of the soft bound
+        if self.bounds is not None:
+            log_scale, slope = _soft_bound_and_slope(log_scale, self.bounds)
         log_scale = log_scale.clamp(*self.clip)
         if self.inverse:
             rest = (second - mean) * torch.exp(-log_scale)
-            keep = (first, hidden, rest, torch.exp(-log_scale))
+            keep = (first, hidden, rest, torch.exp(-log_scale), slope)
         else:
             scale = torch.exp(log_scale)
             rest = torch.addcmul(mean, scale, second)
-            keep = (first, hidden, second, scale)
+            keep = (first, hidden, second, scale, slope)
         return torch.cat((first, rest), dim=1), log_scale.sum(1), keep
 
     def backward(self, saved, params, grad_out, grad_log_det, needs):
-        first, hidden, other, factor = saved
+        first, hidden, other, factor, slope = saved
         width = other.shape[1]
         if grad_out is None:
             grad_first = None
@@ -295,6 +319,8 @@ class AffineCouplingKernel(Kernel):
                 grad_log_scale = grad_rest * other * factor
             if grad_log_det is not None:
                 grad_log_scale = grad_log_scale + grad_log_det.unsqueeze(1)
+        if slope is not None:
+            grad_log_scale = grad_log_scale * slope
         grad_z = torch.cat((grad_mean, grad_log_scale), dim=1)
         grads: list[Tensor | None] = [None] * len(params)
         for i in reversed(range(0, len(params), 2)):
@@ -319,6 +345,8 @@ class AffineCouplingKernel(Kernel):
             if i + 2 < len(params):
                 z = torch.relu(z)
         mean, raw = z.split(second.shape[1], dim=1)
+        if self.bounds is not None:
+            raw = soft_bound(raw, self.bounds)
         log_scale = raw + (raw.clamp(*self.clip) - raw).detach()
         if self.inverse:
             rest = (second - mean) * torch.exp(-log_scale)
@@ -344,7 +372,8 @@ def affine_coupling_kernel(part, inverse: bool) -> tuple[Kernel, tuple] | None:
         and net.param_dims[0] == net.param_dims[1]
     ):
         clip = (part.log_scale_min_clip, part.log_scale_max_clip)
-        return AffineCouplingKernel(part.split_dim, clip, inverse), tuple(net.layer_params())
+        kernel = AffineCouplingKernel(part.split_dim, clip, inverse, net.log_scale_bounds)
+        return kernel, tuple(net.layer_params())
     if (
         not torch.is_grad_enabled()
         or type(net) is not DenseNN

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._fused import soft_bound
+
 __all__ = ["PackedDenseNN"]
 
 
@@ -26,6 +28,9 @@ class PackedDenseNN(torch.nn.Module):
     :param param_dims: the outputs, split as Pyro's ``DenseNN`` splits them
         (a tuple for two or more, one tensor for one).
     :param nonlinearity: the hidden layers' activation (default ReLU).
+    :param log_scale_bounds: ``(a, b)``, ``a < 0 < b``, or ``None``: for a coupling's
+        network with two outputs ``(shift, log-scale)``, the log-scale softly bounded to
+        ``(a, b)`` (:func:`~pyro_lunet.transforms._fused.soft_bound`).
     """
 
     def __init__(
@@ -34,8 +39,18 @@ class PackedDenseNN(torch.nn.Module):
         hidden_dims: Sequence[int],
         param_dims: Sequence[int] = (1, 1),
         nonlinearity: torch.nn.Module | None = None,
+        log_scale_bounds: tuple[float, float] | None = None,
     ):
         super().__init__()
+        if log_scale_bounds is not None:
+            low, high = (float(b) for b in log_scale_bounds)
+            if not (len(param_dims) == 2 and low < 0 < high):
+                raise ValueError(
+                    "log_scale_bounds needs two outputs (shift, log-scale) and bounds a < 0 < b, "
+                    f"got param_dims={list(param_dims)}, log_scale_bounds={log_scale_bounds!r}"
+                )
+            log_scale_bounds = (low, high)
+        self.log_scale_bounds = log_scale_bounds
         sizes = [input_dim, *hidden_dims, sum(param_dims)]
         self.shapes = [(out, inp) for inp, out in zip(sizes[:-1], sizes[1:])]
         self.param_dims = list(param_dims)
@@ -65,4 +80,7 @@ class PackedDenseNN(torch.nn.Module):
                 h = self.f(h)
         if len(self.param_dims) == 1:
             return h
-        return tuple(h.split(self.param_dims, dim=-1))
+        outputs = h.split(self.param_dims, dim=-1)
+        if self.log_scale_bounds is None:
+            return tuple(outputs)
+        return outputs[0], soft_bound(outputs[1], self.log_scale_bounds)
