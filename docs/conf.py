@@ -22,6 +22,8 @@ release = version = pyro_lunet.__version__
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.mathjax",
+    # MathJax served from the site itself: the math renders offline (no CDN).
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "myst_nb",
 ]
