@@ -21,6 +21,7 @@ from torch.distributions import biject_to
 
 from .flows import activation_flow, coupling_flow, layer_factory
 from .transforms.flow import Flow
+from .transforms.packed_nn import PackedDenseNN
 from .transforms.registry import FAMILIES
 
 __all__ = ["AutoFlowNormal", "default_flow_config"]
@@ -53,10 +54,13 @@ def _zero_init_couplings(flow: torch.nn.Module) -> int:
     count = 0
     for module in flow.modules():
         if isinstance(module, AffineCoupling):
-            last = [m for m in module.nn.modules() if isinstance(m, torch.nn.Linear)][-1]
-            with torch.no_grad():
-                last.weight.zero_()
-                last.bias.zero_()
+            if isinstance(module.nn, PackedDenseNN):
+                module.nn.zero_output_()
+            else:
+                last = [m for m in module.nn.modules() if isinstance(m, torch.nn.Linear)][-1]
+                with torch.no_grad():
+                    last.weight.zero_()
+                    last.bias.zero_()
             count += 1
     return count
 

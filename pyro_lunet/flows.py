@@ -26,11 +26,12 @@ from collections.abc import Callable
 from typing import Literal
 
 from pyro.distributions import TransformModule
-from pyro.distributions.transforms import affine_coupling, spline_coupling
+from pyro.distributions.transforms import spline_coupling
 
 from .transforms.base import ROLES, Role, check_choice, check_input_dim
 from .transforms.flow import Flow
 from .transforms.leaky_softplus import LeakySoftplus
+from .transforms.packed_nn import packed_affine_coupling
 from .transforms.registry import FAMILIES, Family
 
 __all__ = ["LAYERS", "activation_flow", "coupling_flow", "layer_factory"]
@@ -174,7 +175,10 @@ def coupling_flow(
     r"""Glow-style: ``num_blocks`` x [mixer, coupling layer], then a mixer.
 
     Each mixer is a layer of the chosen family; each coupling layer is
-    Pyro's own (:func:`~pyro.distributions.transforms.affine_coupling` or
+    Pyro's own (:class:`~pyro.distributions.transforms.AffineCoupling` with
+    :func:`~pyro.distributions.transforms.affine_coupling`'s defaults, its
+    network's weights in one tensor (:class:`~pyro_lunet.transforms.packed_nn.PackedDenseNN`:
+    Pyro's SVI pays per parameter tensor), or
     :func:`~pyro.distributions.transforms.spline_coupling`), which transforms
     the last :math:`D - \lfloor D/2 \rfloor` coordinates conditioned on the
     first :math:`\lfloor D/2 \rfloor`. The learned mixers decide which
@@ -230,7 +234,9 @@ def coupling_flow(
     make_mixer = make
     if isinstance(layer, str) and "init" not in layer_kwargs:
         make_mixer = _layer_factory(layer, role, {"init": "orthogonal", **layer_kwargs})
-    make_coupling = affine_coupling if coupling == "affine" else spline_coupling
+    # Affine: Pyro's coupling with its network's weights in one tensor (SVI steps pay per
+    # parameter tensor); the same map, and Pyro-network checkpoints still load.
+    make_coupling = packed_affine_coupling if coupling == "affine" else spline_coupling
     parts = []
     for block in range(num_blocks):
         parts.append(make(input_dim) if block == 0 else make_mixer(input_dim))

@@ -356,3 +356,26 @@ def test_coupling_guide_matches_nuts_on_eight_schools(nuts_schools):
     khat_mvn = psis_khat(eight_schools, mvn_guide, num_samples=4000)
     assert elbo_flow > elbo_mvn + 0.5
     assert khat_flow.khat < 0.7 and khat_mvn.khat > khat_flow.khat + 0.2
+
+
+def test_coupling_flow_networks_are_packed_and_load_pyro_network_checkpoints():
+    """Affine couplings hold their network in one tensor (Pyro's SVI pays per tensor); a
+    state dict from Pyro's own DenseNN couplings (checkpoints before) loads, same map."""
+    from pyro.distributions.transforms import affine_coupling
+
+    from pyro_lunet import Flow, lu_linear
+    from pyro_lunet.transforms.packed_nn import PackedDenseNN
+
+    torch.manual_seed(14)
+    flow = coupling_flow(6, 2, layer="lu")
+    couplings = [part for part in flow.parts if hasattr(part, "nn")]
+    assert all(type(c.nn) is PackedDenseNN for c in couplings)
+    assert [len(list(c.parameters())) for c in couplings] == [1, 1]
+    old = Flow([lu_linear(6), affine_coupling(6), lu_linear(6), affine_coupling(6), lu_linear(6)])
+    for p in old.parameters():
+        p.data.normal_(0.0, 0.3)
+    flow.load_state_dict(old.state_dict())
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(flow(x), old(x))
+        torch.testing.assert_close(flow.inv(x), old.inv(x))

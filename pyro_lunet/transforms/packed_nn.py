@@ -6,11 +6,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from pyro.distributions.transforms import AffineCoupling
 from torch import Tensor
 
 from ._fused import soft_bound
 
-__all__ = ["PackedDenseNN"]
+__all__ = ["PackedDenseNN", "packed_affine_coupling"]
 
 
 class PackedDenseNN(torch.nn.Module):
@@ -63,6 +64,22 @@ class PackedDenseNN(torch.nn.Module):
             )
         )
 
+    def zero_output_(self) -> PackedDenseNN:
+        """Zeroes the last layer's weight and bias (a coupling then starts as the identity)."""
+        out, inp = self.shapes[-1]
+        with torch.no_grad():
+            self.flat[-(out * inp + out) :].zero_()
+        return self
+
+    # A state dict of Pyro's DenseNN (``layers.0.weight``, ...), e.g. a checkpoint
+    # from before the couplings were packed, loads into ``flat``.
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        keys = [f"{prefix}layers.{k}.{name}" for k in range(len(self.shapes))
+                for name in ("weight", "bias")]  # fmt: skip
+        if prefix + "flat" not in state_dict and all(key in state_dict for key in keys):
+            state_dict[prefix + "flat"] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def layer_params(self) -> list[Tensor]:
         """``[W_1, b_1, W_2, b_2, ...]``, views of ``flat`` (gradients flow to it)."""
         sizes = [n for out, inp in self.shapes for n in (out * inp, out)]
@@ -84,3 +101,16 @@ class PackedDenseNN(torch.nn.Module):
         if self.log_scale_bounds is None:
             return tuple(outputs)
         return outputs[0], soft_bound(outputs[1], self.log_scale_bounds)
+
+
+def packed_affine_coupling(
+    input_dim: int, hidden_dims: Sequence[int] | None = None, split_dim: int | None = None,
+    **kwargs,
+) -> AffineCoupling:  # fmt: skip
+    """Pyro's :func:`~pyro.distributions.transforms.affine_coupling` on vectors (the same
+    defaults: ``split_dim = D // 2``, one hidden layer of ``10 D``), its network a
+    :class:`PackedDenseNN`. Further keywords go to ``AffineCoupling``."""
+    split_dim = input_dim // 2 if split_dim is None else split_dim
+    hidden_dims = [10 * input_dim] if hidden_dims is None else list(hidden_dims)
+    rest = input_dim - split_dim
+    return AffineCoupling(split_dim, PackedDenseNN(split_dim, hidden_dims, [rest, rest]), **kwargs)
