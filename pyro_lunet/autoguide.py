@@ -8,12 +8,13 @@ with the architecture chosen for the model's latent dimension.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.distributions.transforms import AffineCoupling, AffineTransform, affine_coupling
+from pyro.distributions.transforms import AffineCoupling, AffineTransform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import DenseNN, PyroParam
@@ -61,11 +62,83 @@ def _zero_init_couplings(flow: torch.nn.Module) -> int:
     return count
 
 
-def _tanh_coupling(dim: int, hidden: list[int], split: int, kwargs: dict) -> AffineCoupling:
-    """Pyro's affine coupling on ``split`` conditioning coordinates, its network with tanh
-    hidden layers."""
-    net = DenseNN(split, hidden, [dim - split, dim - split], nonlinearity=torch.nn.Tanh())
-    return AffineCoupling(split, net, **kwargs)
+class _BoundedDenseNN(DenseNN):
+    r"""A coupling network with a softly bounded log-scale in :math:`(a, b)`, :math:`a < 0 < b`:
+    :math:`s = b \tanh(\tilde s / b)` for :math:`\tilde s \ge 0`, :math:`a \tanh(\tilde s / a)`
+    below (slope 1 at 0, so a zero-initialized coupling still starts as the identity).
+
+    Why not Pyro's own clip: ``AffineCoupling`` clamps the log-scale but passes
+    the gradient through as if unclamped, so a network pushed past the clip
+    keeps growing (and its shift with it) until a draw overflows; the tanh
+    bound saturates smoothly and stops that gradient.
+    """
+
+    def __init__(self, input_dim, hidden_dims, param_dims, nonlinearity, bounds):
+        super().__init__(input_dim, hidden_dims, param_dims, nonlinearity=nonlinearity)
+        self.bounds = (float(bounds[0]), float(bounds[1]))
+
+    def forward(self, x):
+        mean, raw = super().forward(x)
+        low, high = self.bounds
+        return mean, torch.where(
+            raw > 0, high * torch.tanh(raw / high), low * torch.tanh(raw / low)
+        )
+
+
+def _coupling(dim: int, hidden: list[int], split: int, nonlinearity: str, bounds, kwargs: dict):
+    """Pyro's affine coupling of the last ``dim - split`` coordinates on the first ``split``,
+    its network's hidden activation ``nonlinearity``, its log-scale softly bounded in
+    ``bounds`` (``None``: Pyro's hard clip)."""
+    act = torch.nn.Tanh() if nonlinearity == "tanh" else torch.nn.ReLU()
+    dims = [dim - split, dim - split]
+    if bounds is None:
+        net = DenseNN(split, hidden, dims, nonlinearity=act)
+        return AffineCoupling(split, net, **kwargs)
+    net = _BoundedDenseNN(split, hidden, dims, act, bounds)
+    # Pyro's hard clip only as a backstop, outside the soft bounds
+    clip = {"log_scale_min_clip": bounds[0] - 1.0, "log_scale_max_clip": bounds[1] + 1.0}
+    return AffineCoupling(split, net, **{**clip, **kwargs})
+
+
+class _TailMap(dist.torch_transform.TransformModule):
+    r"""A learned elementwise map that sets each coordinate's two tails:
+    :math:`y = \operatorname{sign}(x) \sinh(k \operatorname{asinh}|x|) / k`, with
+    :math:`k = k_+` for :math:`x > 0` and :math:`k_-` below, :math:`k_\pm > 0`.
+
+    :math:`k = 1` is the identity (where it starts); the slope is 1 at 0 on
+    both sides (so the map is smooth there), and for large :math:`|x|`,
+    :math:`|y| \propto |x|^k`: a Gaussian coordinate gets tails
+    :math:`e^{-c|y|^{2/k}}`, exponential at :math:`k = 2` (the left tail of
+    :math:`\log\tau` in a centered hierarchical model, down the funnel's neck),
+    lighter for :math:`k < 1`. Affine couplings with bounded log-scales cannot
+    make tails heavier than Gaussian; this can. :math:`k = e^{2\tanh(r/2)}`
+    keeps it in :math:`(e^{-2}, e^2)`. Cost: :math:`O(D)` elementwise per draw.
+    """
+
+    domain = constraints.real
+    codomain = constraints.real
+    bijective = True
+
+    def __init__(self, dim: int):
+        super().__init__(cache_size=1)
+        self.raw = torch.nn.Parameter(torch.zeros(2, dim))  # rows: left, right tail
+
+    def _power(self, sign_source: torch.Tensor) -> torch.Tensor:
+        k = torch.exp(2 * torch.tanh(self.raw / 2))
+        return torch.where(sign_source > 0, k[1], k[0])
+
+    def _call(self, x):
+        k = self._power(x)
+        return torch.sign(x) * torch.sinh(k * torch.asinh(x.abs())) / k
+
+    def _inverse(self, y):
+        k = self._power(y)
+        return torch.sign(y) * torch.sinh(torch.asinh(k * y.abs()) / k)
+
+    def log_abs_det_jacobian(self, x, y):
+        t = self._power(x) * torch.asinh(x.abs())
+        log_cosh = t + torch.log1p(torch.exp(-2 * t)) - math.log(2.0)  # t >= 0
+        return log_cosh - 0.5 * torch.log1p(x * x)
 
 
 class AutoFlowNormal(AutoContinuous):
@@ -233,6 +306,7 @@ class AutoFlowNormal(AutoContinuous):
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
         coupling_nonlinearity: str = "relu",
+        log_scale_bounds=(-5.0, 3.0),
         num_quantile_samples: int = 4000,
         layer_kwargs: dict | None = None,
         flow_kwargs: dict | None = None,
@@ -282,6 +356,9 @@ class AutoFlowNormal(AutoContinuous):
         self.hidden_dims = hidden_dims
         self._init_scale = float(init_scale)
         self.coupling_nonlinearity = coupling_nonlinearity
+        self.log_scale_bounds = log_scale_bounds
+        self._last_bounds = log_scale_bounds
+        self._tails = False
         self.num_quantile_samples = num_quantile_samples
         self._layer_kwargs = dict(layer_kwargs or {})
         self._flow_kwargs = dict(flow_kwargs or {})
@@ -316,30 +393,20 @@ class AutoFlowNormal(AutoContinuous):
         kwargs = dict(self._flow_kwargs)
         if self._layer_kwargs:
             kwargs["layer_kwargs"] = self._layer_kwargs
-        if config["architecture"] == "coupling":
-            hidden, blocks = config["hidden_dims"], config["num_blocks"]
-            if blocks == 0 or kwargs.get("coupling", "affine") != "affine":
-                return coupling_flow(self.latent_dim, blocks, layer=self.layer, role="guide",
-                                     hidden_dims=hidden, **kwargs)  # fmt: skip
-            # K - 1 Glow-style blocks, then one affine coupling that conditions
-            # the later sites on the leading ones (the model's order: globals
-            # first in a hierarchical model), nearest the latent.
-            split = self._global_split()
-            coupling_kwargs = kwargs.get("coupling_kwargs", {})
-            if self.coupling_nonlinearity == "tanh":
-                return self._tanh_flow(blocks, hidden, split, coupling_kwargs)
-            mixing = coupling_flow(self.latent_dim, blocks - 1, layer=self.layer, role="guide",
-                                   hidden_dims=hidden, **kwargs)  # fmt: skip
-            last = affine_coupling(self.latent_dim, hidden_dims=hidden, split_dim=split,
-                                   **coupling_kwargs)  # fmt: skip
-            return Flow([*mixing.parts, last], input_dim=self.latent_dim)
-        return activation_flow(self.latent_dim, config["num_blocks"], layer=self.layer,
-                               role="guide", **kwargs)  # fmt: skip
-
-    def _tanh_flow(self, blocks: int, hidden, split: int, coupling_kwargs: dict):
-        """The same layout as the default, every coupling network with tanh hidden layers
-        (their shifts and log-scales bounded functions of the conditioning coordinates)."""
-        dim = self.latent_dim
+        if config["architecture"] != "coupling":
+            return activation_flow(self.latent_dim, config["num_blocks"], layer=self.layer,
+                                   role="guide", **kwargs)  # fmt: skip
+        hidden, blocks = config["hidden_dims"], config["num_blocks"]
+        if blocks == 0 or kwargs.get("coupling", "affine") != "affine":
+            return coupling_flow(self.latent_dim, blocks, layer=self.layer, role="guide",
+                                 hidden_dims=hidden, **kwargs)  # fmt: skip
+        # K - 1 Glow-style blocks [mixer, coupling], a mixer, then one coupling that
+        # conditions the later sites on the leading ones (the model's order: globals
+        # first in a hierarchical model), nearest the latent. As coupling_flow does,
+        # the first mixer starts at the identity (so the first coupling splits the
+        # sites in the model's order) and later ones from a random rotation.
+        dim, split = self.latent_dim, self._global_split()
+        coupling_kwargs = kwargs.get("coupling_kwargs", {})
         first = layer_factory(self.layer, "guide", **self._layer_kwargs)
         later = first
         if isinstance(self.layer, str) and "init" not in self._layer_kwargs:
@@ -347,11 +414,16 @@ class AutoFlowNormal(AutoContinuous):
                 self.layer, "guide", **{"init": "orthogonal", **self._layer_kwargs}
             )
         parts = []
-        for block in range(blocks - 1):
+        for block in range(blocks):
             parts.append(later(dim) if block else first(dim))
-            parts.append(_tanh_coupling(dim, hidden, dim // 2, coupling_kwargs))
-        parts.append(later(dim) if blocks > 1 else first(dim))
-        parts.append(_tanh_coupling(dim, hidden, split, coupling_kwargs))
+            last = block == blocks - 1
+            bounds = self._last_bounds if last else self.log_scale_bounds
+            cond = split if last else dim // 2
+            parts.append(
+                _coupling(dim, hidden, cond, self.coupling_nonlinearity, bounds, coupling_kwargs)
+            )
+        if self._tails:
+            parts.append(_TailMap(dim))
         return Flow(parts, input_dim=dim)
 
     def _setup_prototype(self, *args, **kwargs):
