@@ -43,6 +43,17 @@ def default_flow_config(latent_dim: int) -> dict:
     return {"architecture": "coupling", "num_blocks": 3, "hidden_dims": [width, width]}
 
 
+def _check_bounds(bounds) -> tuple[float, float]:
+    ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2
+    ok = ok and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+    if not ok or not (-math.inf < bounds[0] < 0 < bounds[1] < math.inf):
+        raise ValueError(
+            f"log_scale_bounds must be (low, high) with low < 0 < high, both finite, or None, "
+            f"got {bounds!r}"
+        )
+    return float(bounds[0]), float(bounds[1])
+
+
 def _check_positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -98,47 +109,6 @@ def _coupling(dim: int, hidden: list[int], split: int, nonlinearity: str, bounds
     # Pyro's hard clip only as a backstop, outside the soft bounds
     clip = {"log_scale_min_clip": bounds[0] - 1.0, "log_scale_max_clip": bounds[1] + 1.0}
     return AffineCoupling(split, net, **{**clip, **kwargs})
-
-
-class _TailMap(dist.torch_transform.TransformModule):
-    r"""A learned elementwise map that sets each coordinate's two tails:
-    :math:`y = \operatorname{sign}(x) \sinh(k \operatorname{asinh}|x|) / k`, with
-    :math:`k = k_+` for :math:`x > 0` and :math:`k_-` below, :math:`k_\pm > 0`.
-
-    :math:`k = 1` is the identity (where it starts); the slope is 1 at 0 on
-    both sides (so the map is smooth there), and for large :math:`|x|`,
-    :math:`|y| \propto |x|^k`: a Gaussian coordinate gets tails
-    :math:`e^{-c|y|^{2/k}}`, exponential at :math:`k = 2` (the left tail of
-    :math:`\log\tau` in a centered hierarchical model, down the funnel's neck),
-    lighter for :math:`k < 1`. Affine couplings with bounded log-scales cannot
-    make tails heavier than Gaussian; this can. :math:`k = e^{2\tanh(r/2)}`
-    keeps it in :math:`(e^{-2}, e^2)`. Cost: :math:`O(D)` elementwise per draw.
-    """
-
-    domain = constraints.real
-    codomain = constraints.real
-    bijective = True
-
-    def __init__(self, dim: int):
-        super().__init__(cache_size=1)
-        self.raw = torch.nn.Parameter(torch.zeros(2, dim))  # rows: left, right tail
-
-    def _power(self, sign_source: torch.Tensor) -> torch.Tensor:
-        k = torch.exp(2 * torch.tanh(self.raw / 2))
-        return torch.where(sign_source > 0, k[1], k[0])
-
-    def _call(self, x):
-        k = self._power(x)
-        return torch.sign(x) * torch.sinh(k * torch.asinh(x.abs())) / k
-
-    def _inverse(self, y):
-        k = self._power(y)
-        return torch.sign(y) * torch.sinh(torch.asinh(k * y.abs()) / k)
-
-    def log_abs_det_jacobian(self, x, y):
-        t = self._power(x) * torch.asinh(x.abs())
-        log_cosh = t + torch.log1p(torch.exp(-2 * t)) - math.log(2.0)  # t >= 0
-        return log_cosh - 0.5 * torch.log1p(x * x)
 
 
 class AutoFlowNormal(AutoContinuous):
@@ -344,6 +314,8 @@ class AutoFlowNormal(AutoContinuous):
             raise ValueError(
                 f"coupling_nonlinearity must be 'relu' or 'tanh', got {coupling_nonlinearity!r}"
             )
+        if log_scale_bounds is not None:
+            log_scale_bounds = _check_bounds(log_scale_bounds)
         if not callable(init_loc_fn):
             raise ValueError(f"init_loc_fn must be callable, got {init_loc_fn!r}")
         _check_positive_int("num_quantile_samples", num_quantile_samples)
@@ -357,8 +329,6 @@ class AutoFlowNormal(AutoContinuous):
         self._init_scale = float(init_scale)
         self.coupling_nonlinearity = coupling_nonlinearity
         self.log_scale_bounds = log_scale_bounds
-        self._last_bounds = log_scale_bounds
-        self._tails = False
         self.num_quantile_samples = num_quantile_samples
         self._layer_kwargs = dict(layer_kwargs or {})
         self._flow_kwargs = dict(flow_kwargs or {})
@@ -417,13 +387,9 @@ class AutoFlowNormal(AutoContinuous):
         for block in range(blocks):
             parts.append(later(dim) if block else first(dim))
             last = block == blocks - 1
-            bounds = self._last_bounds if last else self.log_scale_bounds
             cond = split if last else dim // 2
-            parts.append(
-                _coupling(dim, hidden, cond, self.coupling_nonlinearity, bounds, coupling_kwargs)
-            )
-        if self._tails:
-            parts.append(_TailMap(dim))
+            parts.append(_coupling(dim, hidden, cond, self.coupling_nonlinearity,
+                                   self.log_scale_bounds, coupling_kwargs))  # fmt: skip
         return Flow(parts, input_dim=dim)
 
     def _setup_prototype(self, *args, **kwargs):
