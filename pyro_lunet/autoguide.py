@@ -246,12 +246,15 @@ class AutoFlowNormal(AutoContinuous):
     hard clip 0.54 / 0.15, sticking the landing 0.51 / 0.08;
     ``AutoIAFNormal`` 0.64 / 0.43, ``AutoMultivariateNormal`` 1.36 / 0.42.
 
-    Cost (process CPU time per SVI step, 4 particles, one thread,
-    interleaved, Intel Xeon, 2 shared cores): eight schools
-    ``AutoIAFNormal`` 3.0 ms, bounded couplings 6.7 ms, with Pyro's clip 5.3 ms, 2
-    blocks 5.4 ms; logistic regression 2.8, 6.7, 5.3, 5.4 ms. Pyro's clipped
-    coupling runs in the flow's fused kernels (one autograd node for the whole
-    flow); the bounded one does not yet, and costs 1.4 ms a step more.
+    Cost (process CPU time per SVI step, 4 particles, one thread, median of
+    three interleaved rounds of 100 steps; Intel Xeon, 2 shared cores), with
+    the defaults / with Pyro's clip / ``AutoIAFNormal``: funnel 5.0 / 4.2 /
+    2.3 ms, eight schools 5.9 / 4.8 / 2.9, logistic regression 5.9 / 4.8 /
+    2.7, banana 4.8 / 3.9 / 2.1, two modes 5.0 / 4.1 / 2.3: 2.0-2.3x
+    ``AutoIAFNormal`` (2 blocks instead of 3 would save about 1.3 ms). Pyro's
+    clipped coupling runs in the flow's fused kernels (one autograd node for
+    the whole flow); the bounded one does not yet, and costs about 1 ms a
+    step more.
     Coupling networks with tanh hidden layers (``coupling_nonlinearity="tanh"``,
     bounded in the conditioning coordinates) were an earlier answer to the
     schools NaN; they cost the funnel (0.19 to 0.74 at 1000 steps) and stay
@@ -273,7 +276,7 @@ class AutoFlowNormal(AutoContinuous):
     0.31 (``circulant``). Still short of the issue's targets: :math:`\hat k`
     below 0.4 / 0.5 / 0.3 on funnel / schools / logistic, the mean error on
     schools, logistic and two modes, and wall time (2-4x ``AutoIAFNormal``'s
-    in that loaded run; 2.2x in process CPU time per step).
+    in that loaded run; 2.0-2.3x in process CPU time per step).
 
     **Median and quantiles.** Pyro's flow guides offer neither; here
     :meth:`median` is the image of the base distribution's median,
