@@ -8,9 +8,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.distributions.transforms import AffineCoupling
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_mean, init_to_value
+from pyro.nn import DenseNN
 
 import pyro_lunet
 from pyro_lunet import AutoFlowNormal, psis_khat, to_inference_data
@@ -104,6 +106,51 @@ def test_tanh_couplings(layer):
     assert len(nets) == 3 and all(isinstance(n.f, torch.nn.Tanh) for n in nets)
     # the last coupling conditions the later sites on the leading one ("scale", 1 coordinate)
     assert guide.flow[-1].split_dim == 1
+
+
+def test_coupling_log_scales_softly_bounded():
+    guide = AutoFlowNormal(hierarchical, log_scale_bounds=(1.5, 2.5))
+    guide()
+    couplings = [m for m in guide.modules() if isinstance(m, AffineCoupling)]
+    assert len(couplings) == 3
+    for coupling, bound in zip(couplings, [1.5, 1.5, 2.5]):  # the mixing ones, then the last
+        net = coupling.nn
+        with torch.no_grad():
+            last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.bias.fill_(50.0)  # far past the bound
+            high = net(torch.zeros(1, coupling.split_dim))[1]
+            last.bias.fill_(-50.0)
+            low = net(torch.zeros(1, coupling.split_dim))[1]
+            # slope 1 at 0: small log-scales pass unchanged
+            last.bias.copy_(torch.linspace(-1e-3, 1e-3, last.bias.numel()))
+            small = net(torch.zeros(1, coupling.split_dim))[1]
+        assert torch.allclose(high, torch.tensor(bound)) and torch.allclose(
+            low, -torch.tensor(bound)
+        )
+        assert torch.allclose(small, last.bias[-small.shape[-1] :], atol=1e-8)
+    plain = AutoFlowNormal(hierarchical, log_scale_bounds=None)
+    plain()
+    assert all(type(m.nn) is DenseNN for m in plain.modules() if isinstance(m, AffineCoupling))
+
+
+def eight_schools():
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("schools", 8):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+        y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+
+def test_centered_eight_schools_stays_finite(one_thread):
+    # With Pyro's hard clip (log_scale_bounds=None: the gradient passes the clip) this
+    # run overflowed at step 79: a coupling kept growing until a draw of log tau was inf.
+    guide = AutoFlowNormal(eight_schools, layer="butterfly")
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True)
+    svi = SVI(eight_schools, guide, pyro.optim.ClippedAdam({"lr": 5e-3, "lrd": 0.998}), elbo)
+    for _ in range(200):
+        assert math.isfinite(svi.step())
 
 
 def test_scalar_model_uses_activation_flow():
@@ -223,6 +270,9 @@ def test_default_config_by_dimension():
         ({"init_loc_fn": 1.0}, "init_loc_fn must be callable, got 1.0"),
         ({"num_quantile_samples": 0}, "num_quantile_samples must be an int >= 1, got 0"),
         ({"coupling_nonlinearity": "gelu"}, "must be 'relu' or 'tanh', got 'gelu'"),
+        ({"log_scale_bounds": (-1.0, 3.0)}, r"two positive finite numbers, or None, got \(-1.0, 3"),
+        ({"log_scale_bounds": 3.0}, "log_scale_bounds must be"),
+        ({"log_scale_bounds": (2.0, float("inf"))}, "log_scale_bounds must be"),
     ],
 )
 def test_bad_arguments_name_expected_and_got(kwargs, match):
