@@ -17,7 +17,7 @@ from pyro.distributions import constraints
 from pyro.distributions.transforms import AffineCoupling, AffineTransform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
-from pyro.nn import DenseNN, PyroParam
+from pyro.nn import PyroParam
 from torch.distributions import biject_to
 
 from .flows import activation_flow, coupling_flow, layer_factory
@@ -77,38 +77,26 @@ def _zero_init_couplings(flow: torch.nn.Module) -> int:
     return count
 
 
-class _BoundedDenseNN(DenseNN):
-    r"""A coupling network whose log-scale is softly bounded: :math:`s = B \tanh(\tilde s / B)`
-    (slope 1 at 0, so a zero-initialized coupling still starts as the identity).
+def _coupling(dim: int, hidden: list[int], split: int, nonlinearity: str, bound, kwargs: dict):
+    """Pyro's affine coupling of the last ``dim - split`` coordinates on the first ``split``,
+    its network's hidden activation ``nonlinearity``, its log-scale softly bounded by
+    ``bound``, :math:`s = B \\tanh(\\tilde s / B)` (``None``: Pyro's hard clip).
 
     Why not Pyro's own clip: ``AffineCoupling`` clamps the log-scale but passes
     the gradient through as if unclamped, so a network pushed past the clip
     keeps growing (and its shift with it) until a draw overflows; the tanh
-    bound saturates smoothly and stops that gradient.
+    bound saturates smoothly and stops that gradient (slope 1 at 0, so a
+    zero-initialized coupling still starts as the identity). The network is
+    a :class:`~pyro_lunet.transforms.packed_nn.PackedDenseNN` (one parameter
+    tensor: Pyro's SVI pays per tensor), which a flow runs as one kernel.
     """
-
-    def __init__(self, input_dim, hidden_dims, param_dims, nonlinearity, bound: float):
-        super().__init__(input_dim, hidden_dims, param_dims, nonlinearity=nonlinearity)
-        self.bound = float(bound)
-
-    def forward(self, x):
-        mean, raw = super().forward(x)
-        return mean, self.bound * torch.tanh(raw / self.bound)
-
-
-def _coupling(dim: int, hidden: list[int], split: int, nonlinearity: str, bound, kwargs: dict):
-    """Pyro's affine coupling of the last ``dim - split`` coordinates on the first ``split``,
-    its network's hidden activation ``nonlinearity``, its log-scale softly bounded by
-    ``bound`` (``None``: Pyro's hard clip)."""
     act = torch.nn.Tanh() if nonlinearity == "tanh" else torch.nn.ReLU()
     dims = [dim - split, dim - split]
-    if bound is None:
-        net = DenseNN(split, hidden, dims, nonlinearity=act)
-        return AffineCoupling(split, net, **kwargs)
-    net = _BoundedDenseNN(split, hidden, dims, act, bound)
-    # Pyro's hard clip only as a backstop, outside the soft bound
-    clip = {"log_scale_min_clip": -bound - 1.0, "log_scale_max_clip": bound + 1.0}
-    return AffineCoupling(split, net, **{**clip, **kwargs})
+    bounds = None if bound is None else (-bound, bound)
+    net = PackedDenseNN(split, hidden, dims, nonlinearity=act, log_scale_bounds=bounds)
+    if bound is not None:  # Pyro's hard clip only as a backstop, outside the soft bound
+        kwargs = {"log_scale_min_clip": -bound - 1.0, "log_scale_max_clip": bound + 1.0, **kwargs}
+    return AffineCoupling(split, net, **kwargs)
 
 
 class AutoFlowNormal(AutoContinuous):

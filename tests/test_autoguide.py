@@ -12,11 +12,11 @@ from pyro.distributions.transforms import AffineCoupling
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_mean, init_to_value
-from pyro.nn import DenseNN
 
 import pyro_lunet
 from pyro_lunet import AutoFlowNormal, psis_khat, to_inference_data
 from pyro_lunet.autoguide import default_flow_config
+from pyro_lunet.transforms.packed_nn import PackedDenseNN
 
 Y = torch.tensor([[0.3, 1.9], [1.2, 2.4], [-0.4, 1.1], [0.9, 2.8]])  # 4 observations of 2-D
 
@@ -115,22 +115,25 @@ def test_coupling_log_scales_softly_bounded():
     assert len(couplings) == 3
     for coupling, bound in zip(couplings, [1.5, 1.5, 2.5]):  # the mixing ones, then the last
         net = coupling.nn
+        assert isinstance(net, PackedDenseNN)  # one parameter tensor, a flow kernel
         with torch.no_grad():
-            last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
-            last.bias.fill_(50.0)  # far past the bound
+            last_bias = net.layer_params()[-1]  # a view of the packed parameter
+            last_bias.fill_(50.0)  # far past the bound
             high = net(torch.zeros(1, coupling.split_dim))[1]
-            last.bias.fill_(-50.0)
+            last_bias.fill_(-50.0)
             low = net(torch.zeros(1, coupling.split_dim))[1]
             # slope 1 at 0: small log-scales pass unchanged
-            last.bias.copy_(torch.linspace(-1e-3, 1e-3, last.bias.numel()))
+            last_bias.copy_(torch.linspace(-1e-3, 1e-3, last_bias.numel()))
             small = net(torch.zeros(1, coupling.split_dim))[1]
+            expected = last_bias[-small.shape[-1] :].clone()
         assert torch.allclose(high, torch.tensor(bound)) and torch.allclose(
             low, -torch.tensor(bound)
         )
-        assert torch.allclose(small, last.bias[-small.shape[-1] :], atol=1e-8)
+        assert torch.allclose(small, expected, atol=1e-8)
     plain = AutoFlowNormal(hierarchical, log_scale_bounds=None)
     plain()
-    assert all(type(m.nn) is DenseNN for m in plain.modules() if isinstance(m, AffineCoupling))
+    nets = [m.nn for m in plain.modules() if isinstance(m, AffineCoupling)]
+    assert all(net.log_scale_bounds is None for net in nets)
 
 
 def eight_schools():
