@@ -239,14 +239,17 @@ class AutoFlowNormal(AutoContinuous):
     ``AutoIAFNormal`` 0.64 / 0.43, ``AutoMultivariateNormal`` 1.36 / 0.42.
 
     Cost (process CPU time per SVI step, 4 particles, one thread, median of
-    three interleaved rounds of 100 steps; Intel Xeon, 2 shared cores), with
-    the defaults / with Pyro's clip / ``AutoIAFNormal``: funnel 5.0 / 4.2 /
-    2.3 ms, eight schools 5.9 / 4.8 / 2.9, logistic regression 5.9 / 4.8 /
-    2.7, banana 4.8 / 3.9 / 2.1, two modes 5.0 / 4.1 / 2.3: 2.0-2.3x
-    ``AutoIAFNormal`` (2 blocks instead of 3 would save about 1.3 ms). Pyro's
-    clipped coupling runs in the flow's fused kernels (one autograd node for
-    the whole flow); the bounded one does not yet, and costs about 1 ms a
-    step more.
+    seven interleaved rounds of 50 steps; Intel Xeon, 2 cores, otherwise
+    idle), the defaults against ``AutoIAFNormal``: funnel 3.59 / 2.22 ms,
+    eight schools 4.38 / 2.92, logistic regression 4.58 / 2.80, banana
+    3.62 / 2.18, two modes 4.05 / 2.55: 1.50-1.66x (2 blocks instead of 3
+    would save about 1 ms). The flow runs as one fused autograd node, the
+    bounded couplings included, and each coupling network is one parameter
+    tensor (:class:`~pyro_lunet.transforms.packed_nn.PackedDenseNN`): Pyro's
+    SVI pays about 45 microseconds a step per parameter tensor (its
+    ``pyro.param`` call and its own optimizer), so the guide's 26 tensors
+    became 11, against ``AutoIAFNormal``'s 5. With Pyro's own networks and
+    unfused bounded couplings the same steps took 2.0-2.3x.
     Coupling networks with tanh hidden layers (``coupling_nonlinearity="tanh"``,
     bounded in the conditioning coordinates) were an earlier answer to the
     schools NaN; they cost the funnel (0.19 to 0.74 at 1000 steps) and stay
@@ -268,7 +271,8 @@ class AutoFlowNormal(AutoContinuous):
     0.31 (``circulant``). Still short of the issue's targets: :math:`\hat k`
     below 0.4 / 0.5 / 0.3 on funnel / schools / logistic, the mean error on
     schools, logistic and two modes, and wall time (2-4x ``AutoIAFNormal``'s
-    in that loaded run; 2.0-2.3x in process CPU time per step).
+    in that loaded run, before the flow's couplings were fused and packed;
+    now 1.50-1.66x in process CPU time per step, see above).
 
     **Median and quantiles.** Pyro's flow guides offer neither; here
     :meth:`median` is the image of the base distribution's median,
