@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from .fingerprint import parameter_fingerprint
+from .transforms._fused import soft_bound
 from .transforms.base import (
     InvertibleLinear,
     Role,
@@ -243,8 +244,7 @@ class ConditionalStructuredLinear(ConditionalTransformModule):
         out = self.context_net(self.check_context(context))
         raw, shift = out.split(self.input_dim, dim=-1)
         if self.log_scale_bound is not None:
-            bound = self.log_scale_bound
-            raw = bound * torch.tanh(raw / bound)
+            raw = soft_bound(raw, (-self.log_scale_bound, self.log_scale_bound))
         return raw, shift
 
     def condition(self, context: Tensor) -> ConditionedStructuredLinear:

@@ -428,3 +428,18 @@ def test_packed_coupling_with_soft_bounds_kernel_matches_its_plain_ops(inverse):
     second = torch.autograd.grad(got[0].square().sum(), net.flat)
     second_ref = torch.autograd.grad(want[0].square().sum(), net.flat)
     torch.testing.assert_close(second, second_ref)
+
+
+def test_soft_bound_symmetric_and_general_paths_agree():
+    from pyro_lunet.transforms._fused import _soft_bound_and_slope
+
+    raw = torch.linspace(-30, 30, 101, dtype=torch.float64)
+    value, slope = _soft_bound_and_slope(raw, (-2.0, 2.0))
+    # the general path, as for unequal bounds, with equal ones
+    width = torch.where(raw > 0, 2.0, -2.0).to(raw)
+    t = torch.tanh(raw / width)
+    torch.testing.assert_close(value, width * t, rtol=0, atol=0)
+    torch.testing.assert_close(slope, 1 - t * t, rtol=0, atol=0)
+    assert value.abs().max() <= 2.0  # saturated ends round to the bound itself
+    zero, unit_slope = _soft_bound_and_slope(raw.new_zeros(1), (-2.0, 2.0))
+    assert float(zero) == 0.0 and float(unit_slope) == 1.0  # the identity near 0

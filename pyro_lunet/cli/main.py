@@ -31,11 +31,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def _int_at_least(minimum: int, expected: str, name: str):
+    """An argparse type: an int of at least ``minimum`` (``name`` is what argparse reports)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer", "positive int")
+_levels = _int_at_least(2, "a number of levels of at least 2", "levels")
 
 
 def _fraction(text: str) -> float:
@@ -49,13 +59,6 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0.0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _levels(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected a number of levels of at least 2, got {text}")
     return value
 
 

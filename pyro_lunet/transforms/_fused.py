@@ -249,6 +249,9 @@ def soft_bound(raw: Tensor, bounds: tuple[float, float]) -> Tensor:
 
 def _soft_bound_and_slope(raw: Tensor, bounds: tuple[float, float]) -> tuple[Tensor, Tensor]:
     low, high = bounds
+    if low == -high:  # tanh is odd: one width serves both sides
+        t = torch.tanh(raw / high)
+        return high * t, 1.0 - t * t
     width = torch.where(raw > 0, raw.new_tensor(high), raw.new_tensor(low))
     t = torch.tanh(raw / width)
     return width * t, 1.0 - t * t
