@@ -97,7 +97,8 @@ def test_activation_architecture(layer):
 
 @pytest.mark.parametrize("layer", ["lu", "butterfly"])
 def test_tanh_couplings(layer):
-    guide = AutoFlowNormal(hierarchical, layer=layer, coupling_nonlinearity="tanh")
+    guide = AutoFlowNormal(hierarchical, layer=layer, coupling_nonlinearity="tanh",
+                           precondition=None)  # fmt: skip
     svi = SVI(hierarchical, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
     assert math.isfinite(svi.step())
     nets = [
@@ -109,7 +110,7 @@ def test_tanh_couplings(layer):
 
 
 def test_coupling_log_scales_softly_bounded():
-    guide = AutoFlowNormal(hierarchical, log_scale_bounds=(1.5, 2.5))
+    guide = AutoFlowNormal(hierarchical, log_scale_bounds=(1.5, 2.5), precondition=None)
     guide()
     couplings = [m for m in guide.modules() if isinstance(m, AffineCoupling)]
     assert len(couplings) == 3
@@ -197,7 +198,7 @@ def test_predictive(model, args, parallel):
 def test_init_loc_fn_is_the_median_at_init(architecture):
     values = {"scale": torch.tensor(2.0), "theta": torch.tensor([-1.0, 0.5, 3.0]),
               "v": torch.tensor([0.25, -0.75])}  # fmt: skip
-    guide = AutoFlowNormal(hierarchical, architecture=architecture,
+    guide = AutoFlowNormal(hierarchical, architecture=architecture, precondition=None,
                            init_loc_fn=init_to_value(values=values))  # fmt: skip
     median = guide.median()
     assert set(median) == set(values)
@@ -207,7 +208,7 @@ def test_init_loc_fn_is_the_median_at_init(architecture):
 
 
 def test_init_to_mean_honoured():
-    guide = AutoFlowNormal(hierarchical, init_loc_fn=init_to_mean)
+    guide = AutoFlowNormal(hierarchical, init_loc_fn=init_to_mean, precondition=None)
     median = guide.median()
     assert torch.allclose(median["scale"], torch.tensor(math.exp(0.5**2 / 2)), atol=1e-5)
     assert torch.allclose(median["v"], torch.zeros(2), atol=1e-6)
@@ -218,7 +219,7 @@ def test_quantiles_at_init_are_the_gaussian_ones():
     # in unconstrained space; quantiles of a positive site are exp of those.
     values = {"scale": torch.tensor(2.0), "theta": torch.zeros(3), "v": torch.tensor([1.0, -1.0])}
     guide = AutoFlowNormal(hierarchical, init_loc_fn=init_to_value(values=values), init_scale=0.5,
-                           num_quantile_samples=40000)  # fmt: skip
+                           num_quantile_samples=40000, precondition=None)  # fmt: skip
     probs = [0.05, 0.5, 0.95]
     q = guide.quantiles(probs)
     assert q["scale"].shape == (3,) and q["theta"].shape == (3, 3) and q["v"].shape == (3, 2)
@@ -250,6 +251,7 @@ def test_diagnostics_accept_the_guide():
 
 def test_default_config_by_dimension():
     assert default_flow_config(1)["architecture"] == "activation"
+    assert default_flow_config(10, preconditioned=True)["num_blocks"] == 1
     for dim in (2, 10, 31, 200):
         config = default_flow_config(dim)
         assert config["architecture"] == "coupling" and config["num_blocks"] >= 1
@@ -276,6 +278,7 @@ def test_default_config_by_dimension():
         ({"log_scale_bounds": (-1.0, 3.0)}, r"two positive finite numbers, or None, got \(-1.0, 3"),
         ({"log_scale_bounds": 3.0}, "log_scale_bounds must be"),
         ({"log_scale_bounds": (2.0, float("inf"))}, "log_scale_bounds must be"),
+        ({"precondition": "hessian"}, r"precondition must be one of \['auto', 'laplace', None\]"),
     ],
 )
 def test_bad_arguments_name_expected_and_got(kwargs, match):
@@ -289,3 +292,75 @@ def test_bad_quantiles():
         guide.quantiles([0.5, 1.5])
     with pytest.raises(ValueError, match="non-empty 1-D"):
         guide.quantiles([])
+
+
+# ------------------------------------------------------------------ Laplace preconditioner
+def funnel():
+    """Neal's funnel: the log density grows without bound towards y -> -inf: no usable mode."""
+    y = pyro.sample("y", dist.Normal(0.0, 3.0))
+    pyro.sample("x", dist.Normal(torch.zeros(9), (y / 2).exp()).to_event(1))
+
+
+def test_laplace_preconditioner_is_the_posterior_of_a_gaussian_model():
+    # Laplace is exact here, so before any step the guide is already the posterior.
+    n = Y.shape[0]
+    guide = AutoFlowNormal(conjugate, init_loc_fn=init_to_value(values={"mu": torch.ones(2)}))
+    guide()
+    assert guide.preconditioned and guide.config["num_blocks"] == 1
+    assert guide.precondition_note.startswith("Laplace approximation at the MAP (PSIS k-hat")
+    post_mean, post_sd = Y.sum(0) / (n + 1), math.sqrt(1 / (n + 1))
+    assert torch.allclose(guide.median()["mu"], post_mean, atol=1e-4)  # the MAP, not the init
+    assert torch.allclose(guide.precondition_tril, torch.eye(2) * post_sd, atol=1e-4)
+    with torch.no_grad():
+        draws = guide.get_posterior().sample((20000,))
+        log_q = guide.get_posterior().log_prob(draws)
+    exact = dist.Normal(post_mean, post_sd).to_event(1).log_prob(draws)
+    assert torch.allclose(log_q, exact, atol=1e-4)
+    # and SVI from there keeps it
+    svi = SVI(conjugate, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO(num_particles=8))
+    for _ in range(20):
+        svi.step()
+    assert torch.allclose(guide.median()["mu"], post_mean, atol=0.05)
+
+
+def test_laplace_preconditioner_refused_where_there_is_no_mode():
+    guide = AutoFlowNormal(funnel)
+    guide()
+    assert not guide.preconditioned and guide.config["num_blocks"] == 3
+    assert guide.precondition_note.startswith("not used: "), guide.precondition_note
+    assert not hasattr(guide, "precondition_tril")
+    with pytest.raises(ValueError, match="precondition='laplace' failed: "):
+        AutoFlowNormal(funnel, precondition="laplace")()
+
+
+def test_laplace_preconditioner_off_and_above_the_dimension_cap(monkeypatch):
+    guide = AutoFlowNormal(conjugate, precondition=None)
+    guide()
+    assert not guide.preconditioned and guide.precondition_note == "off (precondition=None)"
+    monkeypatch.setattr(pyro_lunet.autoguide, "LAPLACE_MAX_DIM", 1)
+    guide = AutoFlowNormal(conjugate)
+    guide()
+    assert not guide.preconditioned and "a 2-D Hessian" in guide.precondition_note
+    forced = AutoFlowNormal(conjugate, precondition="laplace")
+    forced()
+    assert forced.preconditioned
+
+
+def test_laplace_search_leaves_no_sites_in_the_enclosing_trace():
+    guide = AutoFlowNormal(conjugate)
+    first = pyro.poutine.trace(guide).get_trace()  # sets up: MAP search, Hessian, k-hat draws
+    second = pyro.poutine.trace(guide).get_trace()
+    assert guide.preconditioned
+    for trace in (first, second):
+        assert trace.stochastic_nodes == ["_AutoFlowNormal_latent", "coords", "mu"]
+    assert set(first.param_nodes) == set(second.param_nodes)
+
+
+def test_laplace_preconditioned_guide_saves_and_moves():
+    guide = AutoFlowNormal(conjugate)
+    guide()
+    state = {k: v.clone() for k, v in guide.state_dict().items()}
+    assert {"precondition_loc", "precondition_tril"} <= set(state)
+    guide.double()
+    assert guide.precondition_tril.dtype == torch.float64
+    assert guide.get_posterior().sample((3,)).dtype == torch.float64
