@@ -394,6 +394,121 @@ def affine_coupling_kernel(part, inverse: bool) -> tuple[Kernel, tuple] | None:
     return AffineCouplingKernel(part.split_dim, clip, inverse), params
 
 
+# ------------------------------------------------------- Pyro's affine maps
+class ElementwiseAffineKernel(Kernel):
+    r"""Pyro's :class:`~pyro.distributions.transforms.AffineTransform` on vectors:
+    rows of :math:`h \odot s + m` (``inverse``: :math:`(h - m) / s`) and
+    :math:`\sum_i \log|s_i|` (the forward map's, as every kernel's). Params ``(m, s)``,
+    both ``(D,)``. Cost O(N D)."""
+
+    def __init__(self, inverse: bool):
+        self.inverse = inverse
+
+    def forward(self, h, params):
+        loc, scale = params
+        log_det = scale.abs().log().sum()
+        if self.inverse:
+            out = (h - loc) / scale
+            return out, log_det, (out,)
+        return torch.addcmul(loc, h, scale), log_det, (h,)
+
+    def backward(self, saved, params, grad_out, grad_log_det, needs):
+        (x,) = saved  # the step's vector-side rows: the input forward, the output inverse
+        loc, scale = params
+        grad_h = grad_loc = grad_scale = None
+        if grad_out is not None:
+            grad_h = grad_out / scale if self.inverse else grad_out * scale
+            if needs[0]:
+                grad_loc = -grad_h.sum(0) if self.inverse else grad_out.sum(0)
+            if needs[1]:  # d/ds of h s + m is h; of (h - m)/s is -x/s
+                grad_scale = -(grad_h * x).sum(0) if self.inverse else (grad_out * x).sum(0)
+        if grad_log_det is not None and needs[1]:
+            if grad_log_det.dim():
+                grad_log_det = grad_log_det.sum()
+            step = grad_log_det / scale
+            grad_scale = step if grad_scale is None else grad_scale + step
+        return grad_h, [grad_loc, grad_scale]
+
+    def reference(self, h, params):
+        loc, scale = params
+        log_det = scale.abs().log().sum()
+        return ((h - loc) / scale if self.inverse else h * scale + loc), log_det
+
+
+class TriangularAffineKernel(Kernel):
+    r"""Pyro's :class:`~pyro.distributions.transforms.LowerCholeskyAffine`: rows of
+    :math:`h L^\top + m` and :math:`\sum_i \log L_{ii}`; ``inverse``: rows of
+    :math:`L^{-1}(h - m)` (a triangular solve, reading the lower triangle as Pyro's
+    does). Params ``(L, m)``. Cost :math:`O(N D^2)`."""
+
+    def __init__(self, inverse: bool):
+        self.inverse = inverse
+
+    def forward(self, h, params):
+        tril, loc = params
+        log_det = tril.diagonal().log().sum()
+        if self.inverse:
+            out = torch.linalg.solve_triangular(tril, (h - loc).t(), upper=False).t()
+            return out, log_det, (out,)
+        return torch.addmm(loc, h, tril.t()), log_det, (h,)
+
+    def backward(self, saved, params, grad_out, grad_log_det, needs):
+        (x,) = saved  # the vector-side rows: the input forward, the output inverse
+        tril, _ = params
+        grad_h = grad_tril = grad_loc = None
+        if grad_out is not None:
+            if self.inverse:  # x = L^-1 (h - m): dh = L^-T dx, dL = -tril(dh x^T)
+                grad_h = torch.linalg.solve_triangular(tril.t(), grad_out.t(), upper=True).t()
+                if needs[0]:
+                    grad_tril = torch.mm(grad_h.t(), x).neg_().tril_()
+                if needs[1]:
+                    grad_loc = -grad_h.sum(0)
+            else:
+                grad_h = grad_out @ tril
+                if needs[0]:
+                    grad_tril = torch.mm(grad_out.t(), x)
+                if needs[1]:
+                    grad_loc = grad_out.sum(0)
+        if grad_log_det is not None and needs[0]:
+            if grad_log_det.dim():
+                grad_log_det = grad_log_det.sum()
+            if grad_tril is None:
+                grad_tril = torch.zeros_like(tril)
+            grad_tril.diagonal().add_(grad_log_det / tril.diagonal())
+        return grad_h, [grad_tril, grad_loc]
+
+    def reference(self, h, params):
+        tril, loc = params
+        log_det = tril.diagonal().log().sum()
+        if self.inverse:
+            out = torch.linalg.solve_triangular(tril, (h - loc).t(), upper=False).t()
+            return out, log_det
+        return h @ tril.t() + loc, log_det
+
+
+def _vector_param(value, dim: int) -> bool:
+    return isinstance(value, Tensor) and value.shape == (dim,)
+
+
+def affine_transform_kernel(part, inverse: bool) -> tuple[Kernel, tuple] | None:
+    """The kernel of a Pyro ``AffineTransform`` on vectors (``event_dim=1``, ``(D,)`` loc and
+    scale), or None."""
+    loc, scale = part.loc, part.scale
+    if not (torch.is_grad_enabled() and part.event_dim == 1 and isinstance(scale, Tensor)):
+        return None
+    if not (_vector_param(scale, scale.shape[-1]) and _vector_param(loc, scale.shape[0])):
+        return None
+    return ElementwiseAffineKernel(inverse), (loc, scale)
+
+
+def lower_cholesky_affine_kernel(part, inverse: bool) -> tuple[Kernel, tuple] | None:
+    """The kernel of a Pyro ``LowerCholeskyAffine`` with a ``(D, D)`` factor, or None."""
+    tril, loc = part.scale_tril, part.loc
+    if not torch.is_grad_enabled() or tril.dim() != 2 or loc.dim() != 1:
+        return None
+    return TriangularAffineKernel(inverse), (tril, loc)
+
+
 # ------------------------------------------------------- dense sides
 class DenseKernel(Kernel):
     r"""Rows of :math:`h M^\top + b`, or :math:`(h - b) M^\top` with ``subtract``.

@@ -5,17 +5,27 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
-from pyro.distributions.transforms import AffineCoupling
+from pyro.distributions.transforms import AffineCoupling, AffineTransform, LowerCholeskyAffine
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
-from ._fused import affine_coupling_kernel, assemble_dense_sides, run_assembled
+from ._fused import (
+    affine_coupling_kernel,
+    affine_transform_kernel,
+    assemble_dense_sides,
+    lower_cholesky_affine_kernel,
+    run_assembled,
+)
 from .base import VersionedCacheModule, check_positive_int
 
 __all__ = ["Flow"]
 
 # Pyro's transforms a flow runs as kernels too (exact types: a subclass may change the math).
-_FOREIGN_KERNELS = {AffineCoupling: affine_coupling_kernel}
+_FOREIGN_KERNELS = {
+    AffineCoupling: affine_coupling_kernel,
+    AffineTransform: affine_transform_kernel,
+    LowerCholeskyAffine: lower_cholesky_affine_kernel,
+}
 
 
 class Flow(VersionedCacheModule):
