@@ -22,6 +22,7 @@ two modes, NUTS for eight schools and the logistic regression. The guides:
     python benchmarks/bench_guides.py            # full: 5 models, 4000 steps
     python benchmarks/bench_guides.py --quick    # 2 models, 300 steps: a couple of minutes
     python benchmarks/bench_guides.py --jobs 2   # models in 2 processes (one thread each)
+    python benchmarks/bench_guides.py --seeds 0 1 2   # and the medians over seeds
 """
 
 from __future__ import annotations
@@ -193,7 +194,11 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="SVI steps (default 4000)")
     parser.add_argument("--models", nargs="*", choices=list(MODELS), default=None)
     parser.add_argument("--guides", nargs="*", choices=list(GUIDES), default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0],
+        help="seeds to run (k-hat moves by 0.1-0.3 between seeds); with several, the "
+        "targets are checked on the medians over seeds",
+    )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="models run in parallel processes")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -201,8 +206,31 @@ def main():
     models = args.models or (["funnel", "banana"] if args.quick else list(MODELS))
     guides = args.guides or list(GUIDES)
     print(f"machine: {machine()}")
-    results = run(models, guides, steps, args.seed, args.jobs)
+    per_seed = []
+    for seed in args.seeds:
+        print(f"\n######## seed {seed}")
+        per_seed.append(run(models, guides, steps, seed, args.jobs))
+    results = per_seed[0] if len(per_seed) == 1 else medians(per_seed, models, guides)
     check_targets(results, models)
+
+
+def medians(per_seed: list[dict], models, guides) -> dict:
+    """Every cell's median over the seeds (a guide that failed on a seed is left out
+    there), printed as one table per model."""
+    results = {}
+    for key in models:
+        print(f"\n== {MODELS[key][0]}: medians over {len(per_seed)} seeds")
+        print(f"{'guide':32s} {'mean err':>9s} {'sd err':>8s} {'k-hat':>7s} {'fit s':>7s}")
+        for name in guides:
+            runs = torch.tensor([r[key, name] for r in per_seed if (key, name) in r])
+            if not len(runs):
+                continue
+            cells = tuple(runs.median(0).values.tolist())
+            results[key, name] = cells
+            khats = ", ".join(f"{k:.2f}" for k in runs[:, 2].tolist())
+            print(f"{name:32s} {cells[0]:9.3f} {cells[1]:8.3f} {cells[2]:7.2f} {cells[3]:7.1f}"
+                  f"   k-hats {khats}")  # fmt: skip
+    return results
 
 
 if __name__ == "__main__":
