@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..fingerprint import parameter_fingerprint
+from ._fused import KERNEL_MAX_DIM, Kernel
 from .base import (
     InvertibleLinear,
     LegacyDirection,
@@ -114,13 +115,7 @@ class _SelfNormalizingProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, W, RT, lam: float | None, probes: Tensor | None, scale: float, spent):
-        z = u @ W.T
-        if lam is None:  # no reconstruction term
-            image = error = None
-            rec = u.new_zeros(())
-        else:
-            image, error = _reconstruction_error(probes, W, RT)
-            rec = (lam * scale) * error.square().sum()
+        z, rec, (image, error) = _product(u, W, RT, lam, probes, scale)
         ctx.save_for_backward(u, z, probes, image, error, W, RT)
         ctx.weight, ctx.spent = None if lam is None else lam * scale, spent
         ctx.set_materialize_grads(False)
@@ -130,23 +125,41 @@ class _SelfNormalizingProduct(torch.autograd.Function):
     def backward(ctx, grad_z: Tensor | None, grad_rec: Tensor | None):
         u, z, probes, image, error, W, RT = ctx.saved_tensors
         ctx.spent[0] = True  # the recorded term must not be handed out again
-        grad_u = grad_w = grad_rt = None
-        if grad_z is not None:
-            grad_u = grad_z @ W
-            grad_w = (0.5 * grad_z).T @ u
-            grad_rt = z.T @ (-0.5 * grad_u)
-        if error is not None:
-            scaled = error * (2.0 * ctx.weight)
-            if grad_rec is not None:
-                scaled = scaled * grad_rec
-            back = scaled @ RT.T  # rows of S R
-            rec_w = back.T if probes is None else back.T @ probes
-            rec_rt = image.T @ scaled
-            grad_w = rec_w if grad_w is None else grad_w + rec_w
-            grad_rt = rec_rt if grad_rt is None else grad_rt + rec_rt
+        grad_u, grad_w, grad_rt = _product_backward(
+            u, z, probes, image, error, W, RT, ctx.weight, grad_z, grad_rec
+        )
         if not ctx.needs_input_grad[0]:
             grad_u = None
         return grad_u, grad_w, grad_rt, None, None, None, None
+
+
+def _product(u, W, RT, lam: float | None, probes: Tensor | None, scale: float) -> tuple:
+    """``(z, rec, (image, error))``: the forward of :class:`_SelfNormalizingProduct`."""
+    z = u @ W.T
+    if lam is None:  # no reconstruction term
+        return z, u.new_zeros(()), (None, None)
+    image, error = _reconstruction_error(probes, W, RT)
+    return z, (lam * scale) * error.square().sum(), (image, error)
+
+
+def _product_backward(u, z, probes, image, error, W, RT, weight, grad_z, grad_rec) -> tuple:
+    """``(grad_u, grad_W, grad_RT)``: the backward of :class:`_SelfNormalizingProduct`,
+    for its forward's ``(u, z, probes, image, error)`` and ``weight = lam * scale``."""
+    grad_u = grad_w = grad_rt = None
+    if grad_z is not None:
+        grad_u = grad_z @ W
+        grad_w = (0.5 * grad_z).T @ u
+        grad_rt = z.T @ (-0.5 * grad_u)
+    if error is not None:
+        scaled = error * (2.0 * weight)
+        if grad_rec is not None:
+            scaled = scaled * grad_rec
+        back = scaled @ RT.T  # rows of S R
+        rec_w = back.T if probes is None else back.T @ probes
+        rec_rt = image.T @ scaled
+        grad_w = rec_w if grad_w is None else grad_w + rec_w
+        grad_rt = rec_rt if grad_rt is None else grad_rt + rec_rt
+    return grad_u, grad_w, grad_rt
 
 
 class _SurrogateLogDet(torch.autograd.Function):
@@ -166,8 +179,83 @@ class _SurrogateLogDet(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         W, RT = ctx.saved_tensors
-        half = 0.5 * grad
-        return None, half * RT, -half * W
+        return None, *_surrogate_grads(grad, W, RT)
+
+
+def _surrogate_grads(grad: Tensor, W: Tensor, RT: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of ``W`` and ``RT`` that :class:`_SurrogateLogDet` gives for ``grad``."""
+    half = 0.5 * grad
+    return half * RT, -half * W
+
+
+class _ExactSideKernel(Kernel):
+    r"""A training forward of the exact side, its log-determinant and its term, as a flow's step.
+
+    Rows of :math:`u W^\top + b` with :math:`u = h` (``role="guide"``, sampling) or
+    :math:`(h - b) W^\top` (``subtract``: ``role="density"``, scoring), the step's
+    forward log-determinant :math:`\pm` the layer's tracked :math:`\log|\det W|`
+    (``log_det``, taken by the layer when it made the kernel), and the reconstruction
+    term as the step's extra output (none when :math:`\lambda = 0`), which the layer
+    records for :meth:`SelfNormalizingLinear.penalty`. Values and gradients are those
+    of the layer's own training path, by the same functions (:func:`_product`,
+    :func:`_product_backward`, :func:`_surrogate_grads`): the surrogate gradients of
+    :class:`_SelfNormalizingProduct` and :class:`_SurrogateLogDet`, the term's applied
+    with weight 1 unless the loss used it. Params ``(W, RT, bias)``. Cost: that path's
+    GEMMs (1 + 3 of ``N x D x D``, 3 for the term), in the flow's one autograd node
+    instead of three or four of its own.
+    """
+
+    def __init__(self, layer: SelfNormalizingLinear, subtract: bool, log_det: Tensor):
+        self.subtract = subtract
+        self.log_det = log_det
+        self.lam = layer.reconstruction_weight or None
+        self.extras = 0 if self.lam is None else 1
+        self.tracker, self.key = layer._tracker, layer._param_key()
+        self.spent = [False]  # shared with the record, as _SelfNormalizingProduct's
+        self.probes: tuple[Tensor | None, float] = (None, 1.0)  # drawn by forward
+
+    def forward(self, h, params):
+        W, RT, bias = params
+        u = h - bias if (self.subtract and bias is not None) else h
+        self.probes = probes, scale = _probes(u.shape[0], W)
+        z, rec, (image, error) = _product(u, W, RT, self.lam, probes, scale)
+        out = z + bias if (bias is not None and not self.subtract) else z
+        log_det = -self.log_det if self.subtract else self.log_det
+        saved = (u, z, probes, image, error)
+        return (out, log_det, saved, (rec,)) if self.extras else (out, log_det, saved)
+
+    def backward(self, saved, params, grad_out, grad_log_det, needs, grad_extras=()):
+        u, z, probes, image, error = saved
+        W, RT, bias = params
+        self.spent[0] = True  # the recorded term must not be handed out again
+        weight = None if self.lam is None else self.lam * self.probes[1]
+        grad_rec = grad_extras[0] if grad_extras else None
+        grad_u, grad_w, grad_rt = _product_backward(
+            u, z, probes, image, error, W, RT, weight, grad_out, grad_rec
+        )
+        if grad_log_det is not None:
+            if grad_log_det.dim():
+                grad_log_det = grad_log_det.sum()
+            dw, drt = _surrogate_grads(-grad_log_det if self.subtract else grad_log_det, W, RT)
+            grad_w = dw if grad_w is None else grad_w + dw
+            grad_rt = drt if grad_rt is None else grad_rt + drt
+        grad_bias = None
+        if bias is not None and needs[2] and grad_out is not None:
+            grad_bias = -grad_u.sum(0) if self.subtract else grad_out.sum(0)
+        return grad_u, [grad_w, grad_rt, grad_bias]
+
+    def reference(self, h, params):
+        W, RT, bias = params
+        u = h - bias if (self.subtract and bias is not None) else h
+        probes, scale = self.probes  # the forward's
+        z, rec = _SelfNormalizingProduct.apply(u, W, RT, self.lam, probes, scale, self.spent)
+        out = z + bias if (bias is not None and not self.subtract) else z
+        value = _SurrogateLogDet.apply(self.log_det.detach(), W, RT)
+        log_det = -value if self.subtract else value
+        return (out, log_det, (rec,)) if self.extras else (out, log_det)
+
+    def receive(self, extras):
+        self.tracker.record = _Record(extras[0], self.key, self.spent)
 
 
 class SelfNormalizingLinear(InvertibleLinear):
@@ -387,6 +475,22 @@ class SelfNormalizingLinear(InvertibleLinear):
         return torch.linalg.lu_solve(lu, pivots, v, left=False, adjoint=True)
 
     exact = LegacyDirection()  # deprecated: read .role
+
+    # In a flow's training run at small D the exact side, its bias, its log-det and
+    # its term are one kernel of the flow's single autograd node rather than three to
+    # four nodes of their own (what a small-D step costs). Only there: a lone layer's
+    # _call must not take a second tracking step, which making a kernel does.
+    def _kernel(self, inverse: bool) -> tuple[Kernel, tuple] | None:
+        if (
+            inverse != (self.role == "density")  # the fast side
+            or not (self.training and torch.is_grad_enabled())
+            or self.input_dim >= KERNEL_MAX_DIM
+            or not (self.W.requires_grad and self.RT.requires_grad)  # frozen: the plain path
+        ):
+            return None
+        # The tracking step _log_abs_det would take; a copy, as the buffer moves on.
+        kernel = _ExactSideKernel(self, inverse, self._tracked_log_det().clone())
+        return kernel, (self.W, self.RT, self.bias)
 
     # Rows of A x and A^-1 y for the forward-direction matrix A = weight().
     def _matvec(self, x: Tensor) -> Tensor:
