@@ -78,13 +78,31 @@ def _probes(num_rows: int, W: Tensor) -> tuple[Tensor | None, float]:
     return torch.randn(count, dim, dtype=W.dtype, device=W.device), 1.0 / count
 
 
+_IDENTITIES: dict[tuple, Tensor] = {}
+
+
+def _identity(like: Tensor) -> Tensor:
+    """The ``(D, D)`` identity in ``like``'s dtype and device, made once (never written to)."""
+    key = (like.shape[0], like.dtype, like.device)
+    eye = _IDENTITIES.get(key)
+    if eye is None:
+        eye = _IDENTITIES[key] = torch.eye(key[0], dtype=key[1], device=key[2])
+    return eye
+
+
 def _reconstruction_error(probes: Tensor | None, W: Tensor, RT: Tensor) -> tuple[Tensor, Tensor]:
     """``(Q, E)``: rows ``Q = P W^T`` and ``E = Q R^T - P`` = rows of ``(R W - I) p``."""
     if probes is None:  # P = I
-        image = W.T
-        return image, image @ RT - torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
-    image = probes @ W.T
-    return image, image @ RT - probes
+        image, probes = W.t(), _identity(W)
+    else:
+        image = torch.mm(probes, W.t())
+    return image, torch.addmm(probes, image, RT, beta=-1)  # Q R^T - P, one op
+
+
+def _squared_norm(error: Tensor) -> Tensor:
+    r""":math:`\|E\|_F^2` as one op."""
+    flat = error.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 class _SelfNormalizingProduct(torch.autograd.Function):
@@ -133,32 +151,50 @@ class _SelfNormalizingProduct(torch.autograd.Function):
         return grad_u, grad_w, grad_rt, None, None, None, None
 
 
+# At small D a step costs its op count, not its flops: these helpers fold every
+# scale and sum they can into the GEMMs' alpha and beta (exact for the powers of
+# two; the rest moves values by a rounding).
 def _product(u, W, RT, lam: float | None, probes: Tensor | None, scale: float) -> tuple:
     """``(z, rec, (image, error))``: the forward of :class:`_SelfNormalizingProduct`."""
-    z = u @ W.T
+    z = torch.mm(u, W.t())
     if lam is None:  # no reconstruction term
         return z, u.new_zeros(()), (None, None)
     image, error = _reconstruction_error(probes, W, RT)
-    return z, (lam * scale) * error.square().sum(), (image, error)
+    weight = lam * scale
+    rec = _squared_norm(error)
+    return z, rec if weight == 1.0 else weight * rec, (image, error)
 
 
-def _product_backward(u, z, probes, image, error, W, RT, weight, grad_z, grad_rec) -> tuple:
+def _addmm(total: Tensor | None, a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """``total + alpha a b`` (``alpha a b`` for ``None``)."""
+    return torch.mm(a, b).mul_(alpha) if total is None else torch.addmm(total, a, b, alpha=alpha)
+
+
+def _product_backward(
+    u, z, probes, image, error, W, RT, weight, grad_z, grad_rec, grad_log_det=None,
+    log_det_sign: float = 1.0,
+) -> tuple:  # fmt: skip
     """``(grad_u, grad_W, grad_RT)``: the backward of :class:`_SelfNormalizingProduct`,
-    for its forward's ``(u, z, probes, image, error)`` and ``weight = lam * scale``."""
+    for its forward's ``(u, z, probes, image, error)`` and ``weight = lam * scale``;
+    with ``grad_log_det`` plus :func:`_surrogate_grads` of ``log_det_sign * grad_log_det``
+    (a flow's step: the log-det and the product share one backward)."""
     grad_u = grad_w = grad_rt = None
+    if grad_log_det is not None:
+        grad_w, grad_rt = _surrogate_grads(grad_log_det, W, RT, log_det_sign)
     if grad_z is not None:
-        grad_u = grad_z @ W
-        grad_w = (0.5 * grad_z).T @ u
-        grad_rt = z.T @ (-0.5 * grad_u)
+        grad_u = torch.mm(grad_z, W)
+        grad_w = _addmm(grad_w, grad_z.t(), u, 0.5)
+        grad_rt = _addmm(grad_rt, z.t(), grad_u, -0.5)
     if error is not None:
-        scaled = error * (2.0 * weight)
-        if grad_rec is not None:
-            scaled = scaled * grad_rec
-        back = scaled @ RT.T  # rows of S R
-        rec_w = back.T if probes is None else back.T @ probes
-        rec_rt = image.T @ scaled
-        grad_w = rec_w if grad_w is None else grad_w + rec_w
-        grad_rt = rec_rt if grad_rt is None else grad_rt + rec_rt
+        # S = 2 g lam c E: W gets (S R)^T P = R^T S^T P, RT gets Q^T S
+        scaled = error if grad_rec is None else error * grad_rec
+        alpha = 2.0 * weight
+        if probes is None:
+            grad_w = _addmm(grad_w, RT, scaled.t(), alpha)
+        else:
+            grad_w = _addmm(grad_w, torch.mm(RT, scaled.t()), probes, alpha)
+        # Q^T = W for the identity probes (Q = W^T): no transposed view
+        grad_rt = _addmm(grad_rt, W if probes is None else image.t(), scaled, alpha)
     return grad_u, grad_w, grad_rt
 
 
@@ -182,10 +218,11 @@ class _SurrogateLogDet(torch.autograd.Function):
         return None, *_surrogate_grads(grad, W, RT)
 
 
-def _surrogate_grads(grad: Tensor, W: Tensor, RT: Tensor) -> tuple[Tensor, Tensor]:
-    """The gradients of ``W`` and ``RT`` that :class:`_SurrogateLogDet` gives for ``grad``."""
-    half = 0.5 * grad
-    return half * RT, -half * W
+def _surrogate_grads(
+    grad: Tensor, W: Tensor, RT: Tensor, sign: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """The gradients of ``W`` and ``RT`` that :class:`_SurrogateLogDet` gives ``sign * grad``."""
+    return RT * ((0.5 * sign) * grad), W * ((-0.5 * sign) * grad)
 
 
 class _ExactSideKernel(Kernel):
@@ -230,15 +267,12 @@ class _ExactSideKernel(Kernel):
         self.spent[0] = True  # the recorded term must not be handed out again
         weight = None if self.lam is None else self.lam * self.probes[1]
         grad_rec = grad_extras[0] if grad_extras else None
+        if grad_log_det is not None and grad_log_det.dim():
+            grad_log_det = grad_log_det.sum()
         grad_u, grad_w, grad_rt = _product_backward(
-            u, z, probes, image, error, W, RT, weight, grad_out, grad_rec
-        )
-        if grad_log_det is not None:
-            if grad_log_det.dim():
-                grad_log_det = grad_log_det.sum()
-            dw, drt = _surrogate_grads(-grad_log_det if self.subtract else grad_log_det, W, RT)
-            grad_w = dw if grad_w is None else grad_w + dw
-            grad_rt = drt if grad_rt is None else grad_rt + drt
+            u, z, probes, image, error, W, RT, weight, grad_out, grad_rec,
+            grad_log_det, -1.0 if self.subtract else 1.0,
+        )  # fmt: skip
         grad_bias = None
         if bias is not None and needs[2] and grad_out is not None:
             grad_bias = -grad_u.sum(0) if self.subtract else grad_out.sum(0)
@@ -543,7 +577,6 @@ class SelfNormalizingLinear(InvertibleLinear):
         self.tracked_RT.copy_(self.RT)
         self._tracker.steps = 0
 
-    @torch.no_grad()
     def _tracked_log_det(self) -> Tensor:
         # Computed on every call rather than when parameter versions change:
         # optimizers that write through ``.data`` (Pyro's ClippedAdam) leave
@@ -555,12 +588,17 @@ class SelfNormalizingLinear(InvertibleLinear):
             return self.tracked_log_det
         # log|det W| - log|det W_prev| = int_0^1 tr(W_t^-1 dW) dt, by the
         # trapezoid rule with R and R_prev standing in for the inverses;
-        # tr(R dW) is the sum of R^T * dW, element by element.
-        step = ((self.RT + self.tracked_RT) * (self.W - self.tracked_W)).sum()
-        self.tracked_log_det.add_(0.5 * step)
-        self.tracked_W.copy_(self.W)
-        self.tracked_RT.copy_(self.RT)
-        return self.tracked_log_det
+        # tr(R dW) is the sum of R^T * dW, element by element. (Each module
+        # attribute read once, and a context rather than a decorator: at small D
+        # those reads cost as much as the ops, and this runs on every step.)
+        W, RT, buffers = self.W, self.RT, self._buffers
+        value, last_W = buffers["tracked_log_det"], buffers["tracked_W"]
+        last_RT = buffers["tracked_RT"]
+        with torch.no_grad():
+            value.add_(((RT + last_RT) * (W - last_W)).sum(), alpha=0.5)
+            last_W.copy_(W)
+            last_RT.copy_(RT)
+        return value
 
     # -------------------------------------------------------------- public API
     def penalty(self) -> Tensor:
@@ -588,7 +626,7 @@ class SelfNormalizingLinear(InvertibleLinear):
 
     def _reconstruction_term(self) -> Tensor:
         _, error = _reconstruction_error(None, self.W, self.RT)
-        return self.reconstruction_weight * error.square().sum()
+        return self.reconstruction_weight * _squared_norm(error)
 
     @torch.no_grad()
     def sync_inverse(self) -> None:
