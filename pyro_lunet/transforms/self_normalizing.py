@@ -385,6 +385,10 @@ class SelfNormalizingLinear(InvertibleLinear):
     triangular solves. Training-mode ``log_abs_det`` O(D^2); eval-mode
     O(D^3) once per parameter value. ``weight()`` for ``role="density"``,
     :meth:`sync_inverse` and a :meth:`penalty` computed afresh O(D^3).
+    Inside a :class:`~pyro_lunet.Flow`, training with grad enabled at D below
+    a few hundred, the exact side with its bias, log-determinant and term is
+    one step of the flow's single autograd node: the same GEMMs, values and
+    gradients, without the three to four autograd nodes of its own.
 
     Example::
 
@@ -514,6 +518,10 @@ class SelfNormalizingLinear(InvertibleLinear):
     # its term are one kernel of the flow's single autograd node rather than three to
     # four nodes of their own (what a small-D step costs). Only there: a lone layer's
     # _call must not take a second tracking step, which making a kernel does.
+    # Gradients, with or without create_graph, are the layer's own; second-order
+    # ones through the surrogate differ by the built-in term's gradient, which each
+    # node a backward pass reaches applies once: a second-order pass reaches both
+    # the run's node and the re-run (_KernelRun's reference) that made the graph.
     def _kernel(self, inverse: bool) -> tuple[Kernel, tuple] | None:
         if (
             inverse != (self.role == "density")  # the fast side
