@@ -837,6 +837,8 @@ def test_flow_kernels_take_one_tracking_step_and_record_a_term_spent_by_backward
     (log_q + 0.5 * z.square().sum(-1)).mean().backward()
     assert all(r.spent[0] for r in records)
     assert all(layer.penalty() is not r.term for layer, r in zip(layers, records))
+    # The layers hold no graph of the run any more (its node keeps every step's rows).
+    assert all(layer._tracker.record is None for layer in layers)
 
 
 def test_flow_kernels_with_a_loss_of_the_penalty_only():

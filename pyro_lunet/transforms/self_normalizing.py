@@ -265,6 +265,10 @@ class _ExactSideKernel(Kernel):
         u, z, probes, image, error = saved
         W, RT, bias = params
         self.spent[0] = True  # the recorded term must not be handed out again
+        if self.tracker.record is not None and self.tracker.record.spent is self.spent:
+            # A spent record is never handed out, and this one's graph is the whole
+            # run's (the node keeps every step's intermediates): the layer lets go.
+            self.tracker.record = None
         weight = None if self.lam is None else self.lam * self.probes[1]
         grad_rec = grad_extras[0] if grad_extras else None
         if grad_log_det is not None and grad_log_det.dim():
