@@ -742,3 +742,159 @@ def test_deprecated_exact_keyword_warns_and_maps_to_role():
     with pytest.raises(ValueError, match="role= only"):
         self_normalizing_linear(3, role="guide", exact="forward")
     assert self_normalizing_linear(3).role == "density"  # the default
+
+
+# ------------------------------------------------------------ inside a flow
+def _snf_flow(dim, role, seed=0, **layer_kwargs):
+    """A float64 ``activation_flow`` of SNF layers away from the identity, with R != W^-1."""
+    torch.manual_seed(seed)
+    flow = pyro_lunet.activation_flow(
+        dim, 2, "self_normalizing", role=role, layer_kwargs=layer_kwargs
+    ).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return flow
+
+
+def _unfused_run(flow, x, inverse):
+    """The flow's parts one at a time, each by its own path (no kernels): ``(out, log_det)``."""
+    h, total = x, 0.0
+    for part in flow.parts[::-1] if inverse else flow.parts:
+        h, log_det = part._apply_with_log_det(h, inverse)
+        total = total + (log_det.sum(-1) if log_det.dim() == h.dim() else log_det)
+    return h, total
+
+
+def _graph_nodes(tensor):
+    """The names of the autograd nodes behind ``tensor``."""
+    seen, stack, names = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(parent for parent, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("role", ["guide", "density"])
+@pytest.mark.parametrize("rows", [8, 3], ids=["identity probes", "random probes"])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"bias": False, "reconstruction_weight": 0.4}, {"reconstruction_weight": 0.0}],
+    ids=["default", "no bias, lambda 0.4", "lambda 0"],
+)  # fmt: skip
+@pytest.mark.parametrize("penalized", [False, True], ids=["built-in term", "2.5 penalty"])
+def test_flow_runs_the_exact_sides_as_kernels_with_the_layers_values_and_gradients(
+    role, rows, kwargs, penalized
+):
+    """In a flow's training run the exact sides join the flow's one autograd node: the same
+    outputs, log-dets (the tracked values), penalty, parameter and input gradients (the
+    surrogate ones) and tracking state as each layer's own path, in float64."""
+    dim, inverse = 5, role == "density"
+    flow = _snf_flow(dim, role, **kwargs)
+    reference = copy.deepcopy(flow)
+    x = torch.randn(rows, dim, dtype=torch.float64)
+    weights = torch.randn(rows, dim, dtype=torch.float64), torch.randn(rows, dtype=torch.float64)
+    results = []
+    for model, run in ((flow, flow._run), (reference, partial(_unfused_run, reference))):
+        h = x.clone().requires_grad_()
+        torch.manual_seed(7)  # the random probes
+        out, log_det = run(h, inverse)
+        term = pyro_lunet.penalty(model)
+        loss = (out * weights[0]).sum() + (log_det * weights[1]).sum()
+        if penalized:
+            loss = loss + 2.5 * term
+        nodes = _graph_nodes(loss)
+        grads = torch.autograd.grad(loss, [h, *model.parameters()])
+        buffers = [b.clone() for b in model.buffers()]
+        results.append((out, log_det, term.detach(), grads, buffers, nodes))
+    (out, log_det, term, grads, buffers, nodes), want = results[0], results[1]
+    assert "_SelfNormalizingProductBackward" not in nodes  # the kernels ran
+    assert "_SelfNormalizingProductBackward" in want[5] or kwargs.get("reconstruction_weight") == 0
+    torch.testing.assert_close(out, want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(log_det, want[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(term, want[2], rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, want[3]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(buffers, want[4]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert [p.grad for p in flow.parameters()] == [None] * len(list(flow.parameters()))
+
+
+def test_flow_kernels_take_one_tracking_step_and_record_a_term_spent_by_backward():
+    dim = 4
+    flow = _snf_flow(dim, "guide")
+    layers = [flow[0], flow[2], flow[4]]
+    model = dist.TransformedDistribution(_standard_normal(dim), flow)
+    z = model.rsample((6,))
+    log_q = model.log_prob(z)  # the cached pair: no second run, no second tracking step
+    assert [layer._tracker.steps for layer in layers] == [1, 1, 1]  # counted from the anchor
+    records = [layer._tracker.record for layer in layers]
+    assert all(r is not None and not r.spent[0] for r in records)
+    assert all(layer.penalty() is r.term for layer, r in zip(layers, records))
+    (log_q + 0.5 * z.square().sum(-1)).mean().backward()
+    assert all(r.spent[0] for r in records)
+    assert all(layer.penalty() is not r.term for layer, r in zip(layers, records))
+    # The layers hold no graph of the run any more (its node keeps every step's rows).
+    assert all(layer._tracker.record is None for layer in layers)
+
+
+def test_flow_kernels_with_a_loss_of_the_penalty_only():
+    """A backward that reaches the run only through the recorded terms (the other steps get
+    no gradient) trains R and W as the layers' own paths do."""
+    dim = 4
+    flow = _snf_flow(dim, "guide", reconstruction_weight=0.6)
+    reference = copy.deepcopy(flow)
+    x = torch.randn(7, dim, dtype=torch.float64)
+    flow._run(x, inverse=False)
+    _unfused_run(reference, x, inverse=False)
+    got = torch.autograd.grad(pyro_lunet.penalty(flow), list(flow.parameters()), allow_unused=True)
+    want = torch.autograd.grad(
+        pyro_lunet.penalty(reference), list(reference.parameters()), allow_unused=True
+    )
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("role", ["guide", "density"])
+def test_flow_kernels_gradients_with_a_graph_match_the_layers(role):
+    """``create_graph=True`` re-runs the kernels by the layers' own autograd Functions: the
+    same first-order gradients, now differentiable. (Second-order ones through the
+    surrogate are not the same: the built-in term's gradient is applied once by every
+    node a backward pass reaches, and the re-run is a second node; see
+    ``SelfNormalizingLinear._kernel``.)"""
+    dim, inverse = 4, role == "density"
+    flow = _snf_flow(dim, role, seed=3)
+    reference = copy.deepcopy(flow)
+    x = torch.randn(3, dim, dtype=torch.float64)
+    results = []
+    for model, run in ((flow, flow._run), (reference, partial(_unfused_run, reference))):
+        h = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        out, log_det = run(h, inverse)
+        loss = out.square().sum() + log_det.sum()
+        grads = torch.autograd.grad(loss, [h, *model.parameters()], create_graph=True)
+        assert all(g.requires_grad for g in grads)
+        results.append(grads)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_flow_kernels_only_for_training_with_grad_and_trainable_layers():
+    dim = 4
+    flow = _snf_flow(dim, "guide")
+    layer = flow[0]
+    assert layer._kernel(inverse=False) is not None
+    assert layer._kernel(inverse=True) is None  # the fast side: R, a plain product
+    with torch.no_grad():
+        assert layer._kernel(inverse=False) is None
+    layer.eval()
+    assert layer._kernel(inverse=False) is None
+    layer.train()
+    layer.W.requires_grad_(False)
+    assert layer._kernel(inverse=False) is None

@@ -31,7 +31,17 @@ class Kernel:
     ``log_det`` is the step's forward log-determinant: 0-dim when it does not
     depend on the point, else one value per row of ``h`` (``(N, D)`` rows), or
     ``None`` for a step whose log-determinant its caller adds.
+
+    A step may also give its run ``extras`` more 0-dim outputs (a training term
+    that its layer reports and a loss may or may not use, e.g. a
+    self-normalizing layer's reconstruction term): then :meth:`forward`
+    returns them as a fourth element and :meth:`reference` as a third,
+    :meth:`backward` gets their gradients as ``grad_extras`` (``None`` where the
+    loss did not use one), and :meth:`receive` is handed the run's outputs for them.
     """
+
+    #: How many extra 0-dim outputs the step adds to its run (see above).
+    extras = 0
 
     def forward(self, h: Tensor, params: Params) -> tuple[Tensor, Tensor | None, tuple]:
         """``(out, log_det, saved)``, computed without a graph."""
@@ -51,6 +61,9 @@ class Kernel:
     def reference(self, h: Tensor, params: Params) -> tuple[Tensor, Tensor | None]:
         """The same ``(out, log_det)`` by differentiable ops (for gradients of gradients)."""
         raise NotImplementedError
+
+    def receive(self, extras: tuple[Tensor, ...]) -> None:
+        """The run's outputs for this step's extras (autograd-connected), after the forward."""
 
 
 #: Below this D the families hand a flow their kernels; from it on one step's GEMMs
@@ -627,7 +640,14 @@ def run_assembled(
     kernels = [kernel for kernel, _ in steps]
     sizes = [len(params) for _, params in steps]
     flat = [p for _, params in steps for p in params]
-    return _KernelRun.apply(kernels, sizes, h, *flat)
+    out, log_det, *extras = _KernelRun.apply(kernels, sizes, h, *flat)
+    if extras:  # each step that has some gets its own outputs back
+        start = 0
+        for kernel in kernels:
+            if kernel.extras:
+                kernel.receive(tuple(extras[start : start + kernel.extras]))
+                start += kernel.extras
+    return out, log_det
 
 
 def _split(flat: Sequence, sizes: Sequence[int]) -> list:
@@ -645,11 +665,15 @@ def _add(total: Tensor | None, log_det: Tensor | None) -> Tensor | None:
 
 
 def _reference_run(kernels, sizes, h, flat):
-    total = None
+    total, extras = None, []
     for kernel, params in zip(kernels, _split(flat, sizes)):
-        h, log_det = kernel.reference(h, params)
+        if kernel.extras:
+            h, log_det, more = kernel.reference(h, params)
+            extras.extend(more)
+        else:
+            h, log_det = kernel.reference(h, params)
         total = _add(total, log_det)
-    return h, total
+    return h, total, *extras
 
 
 def _reference_gradients(kernels, sizes, inputs, needs, grads):
@@ -683,23 +707,29 @@ class _KernelRun(torch.autograd.Function):
         # Inputs are saved version-checked: an in-place update before the
         # backward pass raises instead of giving wrong gradients.
         ctx.save_for_backward(h, *flat)
-        saved, total, constant = [], None, []
+        saved, total, constant, extras = [], None, [], []
         for kernel, params in zip(kernels, _split(flat, sizes)):
-            h, log_det, keep = kernel.forward(h, params)
+            if kernel.extras:
+                h, log_det, keep, more = kernel.forward(h, params)
+                extras.extend(more)
+            else:
+                h, log_det, keep = kernel.forward(h, params)
             saved.append(keep)
             constant.append(log_det is not None and log_det.dim() == 0)
             total = _add(total, log_det)
         ctx.kernels, ctx.sizes, ctx.intermediates = kernels, sizes, saved
         ctx.constant = constant  # which steps' log-dets are 0-dim
-        return h, total  # None when no step has a log-det of its own
+        return h, total, *extras  # total is None when no step has a log-det of its own
 
     @staticmethod
-    def backward(ctx, grad_out, grad_log_det):
+    def backward(ctx, grad_out, grad_log_det, *grad_extras):
         inputs = ctx.saved_tensors
         kernels, sizes = ctx.kernels, ctx.sizes
         needs = ctx.needs_input_grad[2:]
         if torch.is_grad_enabled():  # create_graph=True
-            grads = _reference_gradients(kernels, sizes, inputs, needs, (grad_out, grad_log_det))
+            grads = _reference_gradients(
+                kernels, sizes, inputs, needs, (grad_out, grad_log_det, *grad_extras)
+            )
             return (None, None, *grads)
         params_list = _split(inputs[1:], sizes)
         needs_list = _split(needs[1:], sizes)
@@ -713,13 +743,21 @@ class _KernelRun(torch.autograd.Function):
         summed = grad_log_det
         if grad_log_det is not None and grad_log_det.dim() and any(ctx.constant):
             summed = grad_log_det.sum()
+        extra_end = len(grad_extras)  # the extras' gradients, taken from the last step back
         for i in reversed(range(len(kernels))):
             offset -= sizes[i]
             if i < first and not needs[0]:
                 break
-            grad_h, grad_params = kernels[i].backward(
+            kernel = kernels[i]
+            more = {}
+            if kernel.extras:
+                more["grad_extras"] = grad_extras[extra_end - kernel.extras : extra_end]
+                extra_end -= kernel.extras
+            elif grad_h is None and grad_log_det is None:
+                continue  # no gradient reaches this step (the loss used only extras)
+            grad_h, grad_params = kernel.backward(
                 ctx.intermediates[i], params_list[i], grad_h,
-                summed if ctx.constant[i] else grad_log_det, needs_list[i],
+                summed if ctx.constant[i] else grad_log_det, needs_list[i], **more,
             )  # fmt: skip
             for j, grad in enumerate(grad_params):
                 if needs_list[i][j]:

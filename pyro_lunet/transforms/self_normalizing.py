@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..fingerprint import parameter_fingerprint
+from ._fused import KERNEL_MAX_DIM, Kernel
 from .base import (
     InvertibleLinear,
     LegacyDirection,
@@ -77,13 +78,31 @@ def _probes(num_rows: int, W: Tensor) -> tuple[Tensor | None, float]:
     return torch.randn(count, dim, dtype=W.dtype, device=W.device), 1.0 / count
 
 
+_IDENTITIES: dict[tuple, Tensor] = {}
+
+
+def _identity(like: Tensor) -> Tensor:
+    """The ``(D, D)`` identity in ``like``'s dtype and device, made once (never written to)."""
+    key = (like.shape[0], like.dtype, like.device)
+    eye = _IDENTITIES.get(key)
+    if eye is None:
+        eye = _IDENTITIES[key] = torch.eye(key[0], dtype=key[1], device=key[2])
+    return eye
+
+
 def _reconstruction_error(probes: Tensor | None, W: Tensor, RT: Tensor) -> tuple[Tensor, Tensor]:
     """``(Q, E)``: rows ``Q = P W^T`` and ``E = Q R^T - P`` = rows of ``(R W - I) p``."""
     if probes is None:  # P = I
-        image = W.T
-        return image, image @ RT - torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
-    image = probes @ W.T
-    return image, image @ RT - probes
+        image, probes = W.t(), _identity(W)
+    else:
+        image = torch.mm(probes, W.t())
+    return image, torch.addmm(probes, image, RT, beta=-1)  # Q R^T - P, one op
+
+
+def _squared_norm(error: Tensor) -> Tensor:
+    r""":math:`\|E\|_F^2` as one op."""
+    flat = error.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 class _SelfNormalizingProduct(torch.autograd.Function):
@@ -114,13 +133,7 @@ class _SelfNormalizingProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, W, RT, lam: float | None, probes: Tensor | None, scale: float, spent):
-        z = u @ W.T
-        if lam is None:  # no reconstruction term
-            image = error = None
-            rec = u.new_zeros(())
-        else:
-            image, error = _reconstruction_error(probes, W, RT)
-            rec = (lam * scale) * error.square().sum()
+        z, rec, (image, error) = _product(u, W, RT, lam, probes, scale)
         ctx.save_for_backward(u, z, probes, image, error, W, RT)
         ctx.weight, ctx.spent = None if lam is None else lam * scale, spent
         ctx.set_materialize_grads(False)
@@ -130,23 +143,59 @@ class _SelfNormalizingProduct(torch.autograd.Function):
     def backward(ctx, grad_z: Tensor | None, grad_rec: Tensor | None):
         u, z, probes, image, error, W, RT = ctx.saved_tensors
         ctx.spent[0] = True  # the recorded term must not be handed out again
-        grad_u = grad_w = grad_rt = None
-        if grad_z is not None:
-            grad_u = grad_z @ W
-            grad_w = (0.5 * grad_z).T @ u
-            grad_rt = z.T @ (-0.5 * grad_u)
-        if error is not None:
-            scaled = error * (2.0 * ctx.weight)
-            if grad_rec is not None:
-                scaled = scaled * grad_rec
-            back = scaled @ RT.T  # rows of S R
-            rec_w = back.T if probes is None else back.T @ probes
-            rec_rt = image.T @ scaled
-            grad_w = rec_w if grad_w is None else grad_w + rec_w
-            grad_rt = rec_rt if grad_rt is None else grad_rt + rec_rt
+        grad_u, grad_w, grad_rt = _product_backward(
+            u, z, probes, image, error, W, RT, ctx.weight, grad_z, grad_rec
+        )
         if not ctx.needs_input_grad[0]:
             grad_u = None
         return grad_u, grad_w, grad_rt, None, None, None, None
+
+
+# At small D a step costs its op count, not its flops: these helpers fold every
+# scale and sum they can into the GEMMs' alpha and beta (exact for the powers of
+# two; the rest moves values by a rounding).
+def _product(u, W, RT, lam: float | None, probes: Tensor | None, scale: float) -> tuple:
+    """``(z, rec, (image, error))``: the forward of :class:`_SelfNormalizingProduct`."""
+    z = torch.mm(u, W.t())
+    if lam is None:  # no reconstruction term
+        return z, u.new_zeros(()), (None, None)
+    image, error = _reconstruction_error(probes, W, RT)
+    weight = lam * scale
+    rec = _squared_norm(error)
+    return z, rec if weight == 1.0 else weight * rec, (image, error)
+
+
+def _addmm(total: Tensor | None, a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """``total + alpha a b`` (``alpha a b`` for ``None``)."""
+    return torch.mm(a, b).mul_(alpha) if total is None else torch.addmm(total, a, b, alpha=alpha)
+
+
+def _product_backward(
+    u, z, probes, image, error, W, RT, weight, grad_z, grad_rec, grad_log_det=None,
+    log_det_sign: float = 1.0,
+) -> tuple:  # fmt: skip
+    """``(grad_u, grad_W, grad_RT)``: the backward of :class:`_SelfNormalizingProduct`,
+    for its forward's ``(u, z, probes, image, error)`` and ``weight = lam * scale``;
+    with ``grad_log_det`` plus :func:`_surrogate_grads` of ``log_det_sign * grad_log_det``
+    (a flow's step: the log-det and the product share one backward)."""
+    grad_u = grad_w = grad_rt = None
+    if grad_log_det is not None:
+        grad_w, grad_rt = _surrogate_grads(grad_log_det, W, RT, log_det_sign)
+    if grad_z is not None:
+        grad_u = torch.mm(grad_z, W)
+        grad_w = _addmm(grad_w, grad_z.t(), u, 0.5)
+        grad_rt = _addmm(grad_rt, z.t(), grad_u, -0.5)
+    if error is not None:
+        # S = 2 g lam c E: W gets (S R)^T P = R^T S^T P, RT gets Q^T S
+        scaled = error if grad_rec is None else error * grad_rec
+        alpha = 2.0 * weight
+        if probes is None:
+            grad_w = _addmm(grad_w, RT, scaled.t(), alpha)
+        else:
+            grad_w = _addmm(grad_w, torch.mm(RT, scaled.t()), probes, alpha)
+        # Q^T = W for the identity probes (Q = W^T): no transposed view
+        grad_rt = _addmm(grad_rt, W if probes is None else image.t(), scaled, alpha)
+    return grad_u, grad_w, grad_rt
 
 
 class _SurrogateLogDet(torch.autograd.Function):
@@ -166,8 +215,85 @@ class _SurrogateLogDet(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         W, RT = ctx.saved_tensors
-        half = 0.5 * grad
-        return None, half * RT, -half * W
+        return None, *_surrogate_grads(grad, W, RT)
+
+
+def _surrogate_grads(
+    grad: Tensor, W: Tensor, RT: Tensor, sign: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """The gradients of ``W`` and ``RT`` that :class:`_SurrogateLogDet` gives ``sign * grad``."""
+    return RT * ((0.5 * sign) * grad), W * ((-0.5 * sign) * grad)
+
+
+class _ExactSideKernel(Kernel):
+    r"""A training forward of the exact side, its log-determinant and its term, as a flow's step.
+
+    Rows of :math:`u W^\top + b` with :math:`u = h` (``role="guide"``, sampling) or
+    :math:`(h - b) W^\top` (``subtract``: ``role="density"``, scoring), the step's
+    forward log-determinant :math:`\pm` the layer's tracked :math:`\log|\det W|`
+    (``log_det``, taken by the layer when it made the kernel), and the reconstruction
+    term as the step's extra output (none when :math:`\lambda = 0`), which the layer
+    records for :meth:`SelfNormalizingLinear.penalty`. Values and gradients are those
+    of the layer's own training path, by the same functions (:func:`_product`,
+    :func:`_product_backward`, :func:`_surrogate_grads`): the surrogate gradients of
+    :class:`_SelfNormalizingProduct` and :class:`_SurrogateLogDet`, the term's applied
+    with weight 1 unless the loss used it. Params ``(W, RT, bias)``. Cost: that path's
+    GEMMs (1 + 3 of ``N x D x D``, 3 for the term), in the flow's one autograd node
+    instead of three or four of its own.
+    """
+
+    def __init__(self, layer: SelfNormalizingLinear, subtract: bool, log_det: Tensor):
+        self.subtract = subtract
+        self.log_det = log_det
+        self.lam = layer.reconstruction_weight or None
+        self.extras = 0 if self.lam is None else 1
+        self.tracker, self.key = layer._tracker, layer._param_key()
+        self.spent = [False]  # shared with the record, as _SelfNormalizingProduct's
+        self.probes: tuple[Tensor | None, float] = (None, 1.0)  # drawn by forward
+
+    def forward(self, h, params):
+        W, RT, bias = params
+        u = h - bias if (self.subtract and bias is not None) else h
+        self.probes = probes, scale = _probes(u.shape[0], W)
+        z, rec, (image, error) = _product(u, W, RT, self.lam, probes, scale)
+        out = z + bias if (bias is not None and not self.subtract) else z
+        log_det = -self.log_det if self.subtract else self.log_det
+        saved = (u, z, probes, image, error)
+        return (out, log_det, saved, (rec,)) if self.extras else (out, log_det, saved)
+
+    def backward(self, saved, params, grad_out, grad_log_det, needs, grad_extras=()):
+        u, z, probes, image, error = saved
+        W, RT, bias = params
+        self.spent[0] = True  # the recorded term must not be handed out again
+        if self.tracker.record is not None and self.tracker.record.spent is self.spent:
+            # A spent record is never handed out, and this one's graph is the whole
+            # run's (the node keeps every step's intermediates): the layer lets go.
+            self.tracker.record = None
+        weight = None if self.lam is None else self.lam * self.probes[1]
+        grad_rec = grad_extras[0] if grad_extras else None
+        if grad_log_det is not None and grad_log_det.dim():
+            grad_log_det = grad_log_det.sum()
+        grad_u, grad_w, grad_rt = _product_backward(
+            u, z, probes, image, error, W, RT, weight, grad_out, grad_rec,
+            grad_log_det, -1.0 if self.subtract else 1.0,
+        )  # fmt: skip
+        grad_bias = None
+        if bias is not None and needs[2] and grad_out is not None:
+            grad_bias = -grad_u.sum(0) if self.subtract else grad_out.sum(0)
+        return grad_u, [grad_w, grad_rt, grad_bias]
+
+    def reference(self, h, params):
+        W, RT, bias = params
+        u = h - bias if (self.subtract and bias is not None) else h
+        probes, scale = self.probes  # the forward's
+        z, rec = _SelfNormalizingProduct.apply(u, W, RT, self.lam, probes, scale, self.spent)
+        out = z + bias if (bias is not None and not self.subtract) else z
+        value = _SurrogateLogDet.apply(self.log_det.detach(), W, RT)
+        log_det = -value if self.subtract else value
+        return (out, log_det, (rec,)) if self.extras else (out, log_det)
+
+    def receive(self, extras):
+        self.tracker.record = _Record(extras[0], self.key, self.spent)
 
 
 class SelfNormalizingLinear(InvertibleLinear):
@@ -263,6 +389,10 @@ class SelfNormalizingLinear(InvertibleLinear):
     triangular solves. Training-mode ``log_abs_det`` O(D^2); eval-mode
     O(D^3) once per parameter value. ``weight()`` for ``role="density"``,
     :meth:`sync_inverse` and a :meth:`penalty` computed afresh O(D^3).
+    Inside a :class:`~pyro_lunet.Flow`, training with grad enabled at D below
+    a few hundred, the exact side with its bias, log-determinant and term is
+    one step of the flow's single autograd node: the same GEMMs, values and
+    gradients, without the three to four autograd nodes of its own.
 
     Example::
 
@@ -388,6 +518,26 @@ class SelfNormalizingLinear(InvertibleLinear):
 
     exact = LegacyDirection()  # deprecated: read .role
 
+    # In a flow's training run at small D the exact side, its bias, its log-det and
+    # its term are one kernel of the flow's single autograd node rather than three to
+    # four nodes of their own (what a small-D step costs). Only there: a lone layer's
+    # _call must not take a second tracking step, which making a kernel does.
+    # Gradients, with or without create_graph, are the layer's own; second-order
+    # ones through the surrogate differ by the built-in term's gradient, which each
+    # node a backward pass reaches applies once: a second-order pass reaches both
+    # the run's node and the re-run (_KernelRun's reference) that made the graph.
+    def _kernel(self, inverse: bool) -> tuple[Kernel, tuple] | None:
+        if (
+            inverse != (self.role == "density")  # the fast side
+            or not (self.training and torch.is_grad_enabled())
+            or self.input_dim >= KERNEL_MAX_DIM
+            or not (self.W.requires_grad and self.RT.requires_grad)  # frozen: the plain path
+        ):
+            return None
+        # The tracking step _log_abs_det would take; a copy, as the buffer moves on.
+        kernel = _ExactSideKernel(self, inverse, self._tracked_log_det().clone())
+        return kernel, (self.W, self.RT, self.bias)
+
     # Rows of A x and A^-1 y for the forward-direction matrix A = weight().
     def _matvec(self, x: Tensor) -> Tensor:
         return self._exact_side(x) if self.role == "guide" else self._fast_side(x)
@@ -439,7 +589,6 @@ class SelfNormalizingLinear(InvertibleLinear):
         self.tracked_RT.copy_(self.RT)
         self._tracker.steps = 0
 
-    @torch.no_grad()
     def _tracked_log_det(self) -> Tensor:
         # Computed on every call rather than when parameter versions change:
         # optimizers that write through ``.data`` (Pyro's ClippedAdam) leave
@@ -451,12 +600,17 @@ class SelfNormalizingLinear(InvertibleLinear):
             return self.tracked_log_det
         # log|det W| - log|det W_prev| = int_0^1 tr(W_t^-1 dW) dt, by the
         # trapezoid rule with R and R_prev standing in for the inverses;
-        # tr(R dW) is the sum of R^T * dW, element by element.
-        step = ((self.RT + self.tracked_RT) * (self.W - self.tracked_W)).sum()
-        self.tracked_log_det.add_(0.5 * step)
-        self.tracked_W.copy_(self.W)
-        self.tracked_RT.copy_(self.RT)
-        return self.tracked_log_det
+        # tr(R dW) is the sum of R^T * dW, element by element. (Each module
+        # attribute read once, and a context rather than a decorator: at small D
+        # those reads cost as much as the ops, and this runs on every step.)
+        W, RT, buffers = self.W, self.RT, self._buffers
+        value, last_W = buffers["tracked_log_det"], buffers["tracked_W"]
+        last_RT = buffers["tracked_RT"]
+        with torch.no_grad():
+            value.add_(((RT + last_RT) * (W - last_W)).sum(), alpha=0.5)
+            last_W.copy_(W)
+            last_RT.copy_(RT)
+        return value
 
     # -------------------------------------------------------------- public API
     def penalty(self) -> Tensor:
@@ -484,7 +638,7 @@ class SelfNormalizingLinear(InvertibleLinear):
 
     def _reconstruction_term(self) -> Tensor:
         _, error = _reconstruction_error(None, self.W, self.RT)
-        return self.reconstruction_weight * error.square().sum()
+        return self.reconstruction_weight * _squared_norm(error)
 
     @torch.no_grad()
     def sync_inverse(self) -> None:
