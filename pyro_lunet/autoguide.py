@@ -399,6 +399,7 @@ class AutoFlowNormal(AutoContinuous):
     """
 
     _zero_init = True  # couplings start as the identity (measured: a little better)
+    _bias_free_mixers = True
 
     def __init__(
         self,
@@ -523,12 +524,16 @@ class AutoFlowNormal(AutoContinuous):
         dim, split = self.latent_dim, self._global_split()
         bounds = self.log_scale_bounds or (None, None)
         coupling_kwargs = kwargs.get("coupling_kwargs", {})
-        first = layer_factory(self.layer, "guide", **self._layer_kwargs)
+        layer_kwargs = dict(self._layer_kwargs)
+        if isinstance(self.layer, str) and self._bias_free_mixers:
+            # A mixer's bias is redundant before a coupling (its shift t(x1) and its
+            # network's first bias absorb it) and before the guide's own loc; each
+            # is one more parameter tensor, which Pyro's SVI pays for per step.
+            layer_kwargs.setdefault("bias", False)
+        first = layer_factory(self.layer, "guide", **layer_kwargs)
         later = first
-        if isinstance(self.layer, str) and "init" not in self._layer_kwargs:
-            later = layer_factory(
-                self.layer, "guide", **{"init": "orthogonal", **self._layer_kwargs}
-            )
+        if isinstance(self.layer, str) and "init" not in layer_kwargs:
+            later = layer_factory(self.layer, "guide", **{"init": "orthogonal", **layer_kwargs})
         parts = []
         for block in range(blocks):
             parts.append(later(dim) if block else first(dim))

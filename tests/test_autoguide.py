@@ -364,3 +364,15 @@ def test_laplace_preconditioned_guide_saves_and_moves():
     guide.double()
     assert guide.precondition_tril.dtype == torch.float64
     assert guide.get_posterior().sample((3,)).dtype == torch.float64
+
+
+def test_coupling_guide_mixers_are_bias_free_unless_asked():
+    # The couplings' shifts and the guide's loc absorb a mixer's bias: one tensor less each.
+    guide = AutoFlowNormal(hierarchical, precondition=None)
+    guide()
+    mixers = [p for p in guide.flow.parts if isinstance(p, pyro_lunet.LULinear)]
+    assert len(mixers) == 3 and all(m.bias is None for m in mixers)
+    pyro.clear_param_store()
+    biased = AutoFlowNormal(hierarchical, precondition=None, layer_kwargs={"bias": True})
+    biased()
+    assert all(p.bias is not None for p in biased.flow.parts if isinstance(p, pyro_lunet.LULinear))
