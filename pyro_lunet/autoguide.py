@@ -37,10 +37,8 @@ PRECONDITIONERS = ("auto", "laplace", None)
 LAPLACE_MAX_KHAT, LAPLACE_MAX_DIM, LAPLACE_DRAWS = 1.0, 200, 1000
 
 
-def default_flow_config(latent_dim: int, preconditioned: bool = False) -> dict:
-    """The architecture :class:`AutoFlowNormal` picks for ``latent_dim`` when not told
-    (``preconditioned``: behind an accepted Laplace preconditioner, which leaves the
-    flow a nearly standard target, so one block suffices).
+def default_flow_config(latent_dim: int) -> dict:
+    """The architecture :class:`AutoFlowNormal` picks for ``latent_dim`` when not told.
 
     Returns ``{"architecture", "num_blocks", "hidden_dims"}``; see
     :class:`AutoFlowNormal` for the measurements behind it.
@@ -50,8 +48,7 @@ def default_flow_config(latent_dim: int, preconditioned: bool = False) -> dict:
     if latent_dim == 1:  # a coupling layer needs two coordinates
         return {"architecture": "activation", "num_blocks": 2, "hidden_dims": None}
     width = max(16, 4 * latent_dim)
-    blocks = 1 if preconditioned else 3
-    return {"architecture": "coupling", "num_blocks": blocks, "hidden_dims": [width, width]}
+    return {"architecture": "coupling", "num_blocks": 1, "hidden_dims": [width, width]}
 
 
 def _check_bounds(bounds) -> tuple[float, float]:
@@ -482,7 +479,7 @@ class AutoFlowNormal(AutoContinuous):
 
     # ------------------------------------------------------------ set-up
     def _flow_config(self) -> dict:
-        config = default_flow_config(self.latent_dim, self.preconditioned)
+        config = default_flow_config(self.latent_dim)
         if self.architecture is not None and self.architecture != config["architecture"]:
             config = {"architecture": self.architecture, "num_blocks": config["num_blocks"],
                       "hidden_dims": None}  # fmt: skip
