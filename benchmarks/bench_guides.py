@@ -23,6 +23,7 @@ two modes, NUTS for eight schools and the logistic regression. The guides:
     python benchmarks/bench_guides.py --quick    # 2 models, 300 steps: a couple of minutes
     python benchmarks/bench_guides.py --jobs 2   # models in 2 processes (one thread each)
     python benchmarks/bench_guides.py --seeds 0 1 2   # and the medians over seeds
+    python benchmarks/bench_guides.py --step-cost     # CPU time per step, against AutoIAFNormal
 """
 
 from __future__ import annotations
@@ -200,18 +201,58 @@ def main():
         "targets are checked on the medians over seeds",
     )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="models run in parallel processes")
+    parser.add_argument(
+        "--step-cost", action="store_true",
+        help="only the CPU time per SVI step of each guide, interleaved (no fits)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps = args.steps or (300 if args.quick else 4000)
     models = args.models or (["funnel", "banana"] if args.quick else list(MODELS))
     guides = args.guides or list(GUIDES)
     print(f"machine: {machine()}")
+    if args.step_cost:
+        step_costs(models, guides)
+        return
     per_seed = []
     for seed in args.seeds:
         print(f"\n######## seed {seed}")
         per_seed.append(run(models, guides, steps, seed, args.jobs))
     results = per_seed[0] if len(per_seed) == 1 else medians(per_seed, models, guides)
     check_targets(results, models)
+
+
+def step_costs(models, guides, rounds: int = 7, steps: int = 40) -> None:
+    """Process CPU time per SVI step of every guide on every model (the protocol's optimizer
+    and ELBO), median of ``rounds`` interleaved rounds of ``steps`` steps, and its ratio to
+    ``AutoIAFNormal``'s: a steadier figure than the fits' wall times on a shared machine."""
+    for key in models:
+        _, model = MODELS[key]
+        runs = {}
+        for name in guides:
+            pyro.clear_param_store()
+            pyro.set_rng_seed(0)
+            guide = GUIDES[name](model)
+            optim = pyro.optim.ClippedAdam({"lr": 5e-3, "lrd": 0.9995})
+            elbo = Trace_ELBO(num_particles=4, vectorize_particles=True)
+            svi = SVI(model, guide, optim, elbo)
+            for _ in range(20):  # set-up and warm-up
+                svi.step()
+            tensors = sum(1 for _ in guide.parameters())
+            runs[name] = (svi, tensors, [])
+        for _ in range(rounds):
+            for svi, _, times in runs.values():
+                start = time.process_time()
+                for _ in range(steps):
+                    svi.step()
+                times.append((time.process_time() - start) / steps * 1e3)
+        base = runs.get("AutoIAFNormal")
+        base_ms = sorted(base[2])[rounds // 2] if base else None
+        print(f"\n== {MODELS[key][0]}: CPU ms per SVI step (median of {rounds} rounds)")
+        for name, (_, tensors, times) in runs.items():
+            ms = sorted(times)[rounds // 2]
+            ratio = f"{ms / base_ms:5.2f}x" if base_ms else ""
+            print(f"{name:32s} {ms:6.2f} ms  {ratio}  ({tensors} parameter tensors)")
 
 
 def medians(per_seed: list[dict], models, guides) -> dict:

@@ -378,3 +378,11 @@ def test_coupling_guide_mixers_are_bias_free_unless_asked():
                             num_blocks=3)  # fmt: skip
     biased()
     assert all(p.bias is not None for p in biased.flow.parts if isinstance(p, pyro_lunet.LULinear))
+
+
+def test_laplace_preconditioner_set_up_under_no_grad():
+    # Predictive may be the first caller of a fresh guide, under no_grad.
+    guide = AutoFlowNormal(conjugate)
+    with torch.no_grad():
+        Predictive(conjugate, guide=guide, num_samples=3)()
+    assert guide.preconditioned, guide.precondition_note
