@@ -191,15 +191,19 @@ class AutoFlowNormal(AutoContinuous):
     draws), against 10-20 s for 4000 steps.
 
     Measured (``benchmarks/bench_guides.py``' protocol, 4000 steps, seeds 0,
-    1, 2; :math:`\hat k` / max mean error in posterior sds; the same seeds'
-    ``AutoIAFNormal`` in brackets): logistic regression 0.45 / 0.05, 0.36 /
-    0.10, 0.31 / 0.10 (0.58 / 0.11, 0.55 / 0.10, 0.54 / 0.11; without the
-    preconditioner 0.46 / 0.14 and 0.41 / 0.11 at seeds 0, 1); banana 0.40 /
-    0.05, 0.20 / 0.02, 0.23 / 0.05 (0.62 / 0.31, 0.64 / 0.32, 0.31 / 0.12;
-    without it 0.43 / 0.10 at seed 0). Tried: no flow at all behind the
+    1, 2, the defaults; :math:`\hat k` / max mean error in posterior sds;
+    the same seeds' ``AutoIAFNormal`` in brackets): logistic regression
+    0.60 / 0.06, 0.40 / 0.07, 0.52 / 0.08 (0.58 / 0.11, 0.55 / 0.10,
+    0.54 / 0.11; without the preconditioner, with the earlier three-block
+    default, 0.46 / 0.14 and 0.41 / 0.11 at seeds 0, 1); banana 0.34 / 0.02,
+    0.34 / 0.05, 0.41 / 0.06 (0.62 / 0.31, 0.64 / 0.32, 0.31 / 0.12; without
+    it 0.43 / 0.10 at seed 0). Tried: no flow at all behind the
     preconditioner (banana 0.60 / 0.35: the banana needs the coupling), the
-    full three blocks behind it (logistic 0.58 at seed 0: more parameters,
-    more optimizer noise at the end of the run).
+    three blocks behind it (logistic 0.58 at seed 0: more parameters, more
+    optimizer noise at the end of the run), no mixer before the coupling
+    (within the seeds' noise, not kept), and a :math:`\hat k` threshold of
+    0.7 on 200 draws (too noisy: the funnel's approximation, 3 sites of
+    :math:`x`, scored 0.59-1.23 over four seeds).
 
     **Defaults** (:func:`default_flow_config`), chosen by measurement with
     ``benchmarks/bench_guides.py`` (the issue's protocol: 4000 steps,
@@ -280,8 +284,9 @@ class AutoFlowNormal(AutoContinuous):
     soft, all in (-5, 2) (seeds 2, 3)             0.78, 0.74              0.65, 0.69
     ============================================  ======================  ======================
 
-    What is still missing on centered eight schools is the funnel's neck: the
-    fitted guide's :math:`\log\tau` has its 1% quantile at 0.72
+    What is still missing on centered eight schools is the funnel's neck
+    (measured with the earlier three-block default): the fitted guide's
+    :math:`\log\tau` has its 1% quantile at 0.72
     (:math:`\tau \approx 2`), and the largest importance weights are all at
     the low end of that range, so :math:`\hat k` stays at 0.55-0.75, as good
     as ``AutoIAFNormal`` (0.62-0.75) with a smaller mean error, not below the
@@ -301,41 +306,39 @@ class AutoFlowNormal(AutoContinuous):
     hard clip 0.54 / 0.15, sticking the landing 0.51 / 0.08;
     ``AutoIAFNormal`` 0.64 / 0.43, ``AutoMultivariateNormal`` 1.36 / 0.42.
 
-    Cost (process CPU time per SVI step, 4 particles, one thread, median of
-    seven interleaved rounds of 50 steps; Intel Xeon, 2 cores, otherwise
-    idle), the defaults against ``AutoIAFNormal``: funnel 3.59 / 2.22 ms,
-    eight schools 4.38 / 2.92, logistic regression 4.58 / 2.80, banana
-    3.62 / 2.18, two modes 4.05 / 2.55: 1.50-1.66x (2 blocks instead of 3
-    would save about 1 ms). The flow runs as one fused autograd node, the
-    bounded couplings included, and each coupling network is one parameter
-    tensor (:class:`~pyro_lunet.transforms.packed_nn.PackedDenseNN`): Pyro's
-    SVI pays about 45 microseconds a step per parameter tensor (its
-    ``pyro.param`` call and its own optimizer), so the guide's 26 tensors
-    became 11, against ``AutoIAFNormal``'s 5. With Pyro's own networks and
-    unfused bounded couplings the same steps took 2.0-2.3x.
+    Cost (``bench_guides.py --step-cost``: process CPU time per SVI step,
+    4 particles, one thread, median of seven interleaved rounds of 40 steps;
+    Intel Xeon, 2 cores, otherwise idle), the defaults against
+    ``AutoIAFNormal``: funnel 3.53 / 3.19 ms, eight schools 4.53 / 4.04,
+    logistic regression 4.29 / 3.76, banana 3.55 / 2.93, two modes
+    3.63 / 3.22: 1.11-1.21x, with 4 parameter tensors like it (the earlier
+    three-block default with biased mixers: 1.38-1.59x, 11 tensors). The
+    flow runs as one fused autograd node, the bounded coupling and the
+    final affine map (or the preconditioned triangular one) included, and
+    the coupling network is one parameter tensor
+    (:class:`~pyro_lunet.transforms.packed_nn.PackedDenseNN`): Pyro's SVI
+    pays about 45 microseconds a step per parameter tensor (its
+    ``pyro.param`` call and its own optimizer). The rest of the difference
+    is the fused kernels' Python against the IAF's two linear layers.
     Coupling networks with tanh hidden layers (``coupling_nonlinearity="tanh"``,
     bounded in the conditioning coordinates) were an earlier answer to the
     schools NaN; they cost the funnel (0.19 to 0.74 at 1000 steps) and stay
     an option, not the default.
 
-    **The benchmark's full run** with these defaults (4000 steps, the
-    issue's protocol, seed 0, all guides in one run, ``--jobs 2``; Intel
-    Xeon, 2 cores shared with other jobs, one thread each): :math:`\hat k`
-    / max mean error in posterior sds of ``lu`` against ``AutoIAFNormal``:
-    funnel 0.43 / 0.08 against 0.93 / 0.15; centered eight schools
-    0.61 / 0.24 against 0.74 / 0.16; logistic regression 0.51 / 0.13 against
-    0.58 / 0.11 (``AutoMultivariateNormal`` 0.46 / 0.05); banana
-    0.40 / 0.10 against 0.62 / 0.31; two modes 0.59 / 0.07 against
-    0.23 / 0.05 (a Gaussian covering both modes does best there,
-    ``AutoMultivariateNormal`` -0.07; the couplings lean to one mode). Every
-    family finite on every model; the best :math:`\hat k` per model among
-    the families: funnel 0.43 (``lu``), schools 0.48 (``rank_one``),
-    logistic 0.38 (``butterfly``), banana 0.24 (``butterfly``), two modes
-    0.31 (``circulant``). Still short of the issue's targets: :math:`\hat k`
-    below 0.4 / 0.5 / 0.3 on funnel / schools / logistic, the mean error on
-    schools, logistic and two modes, and wall time (2-4x ``AutoIAFNormal``'s
-    in that loaded run, before the flow's couplings were fused and packed;
-    now 1.50-1.66x in process CPU time per step, see above).
+    **The benchmark** with these defaults (the issue's protocol, seeds 0, 1
+    and 2, two models at a time on the 2 cores, one thread each; medians
+    over the seeds): :math:`\hat k` / max mean error in posterior sds of
+    ``lu`` against ``AutoIAFNormal``: funnel 0.54 / 0.07 against
+    0.64 / 0.05; centered eight schools 0.78 / 0.36 against 0.62 / 0.79;
+    logistic regression 0.52 / 0.07 against 0.55 / 0.11
+    (``AutoMultivariateNormal`` 0.47 / 0.045); banana 0.34 / 0.05 against
+    0.62 / 0.31; two modes 0.18 / 0.035 against 0.29 / 0.04
+    (``AutoMultivariateNormal`` -0.07 / 0.05: the modes overlap, and a
+    Gaussian covering both does well). Wall time of the fits, set-up
+    included: 1.12-1.18x ``AutoIAFNormal``'s. Still short of the issue's
+    targets: :math:`\hat k` below 0.4 / 0.5 / 0.3 on funnel / schools /
+    logistic, the k-hat on schools and the mean error on the funnel, and the
+    wall time.
 
     **Median and quantiles.** Pyro's flow guides offer neither; here
     :meth:`median` is the image of the base distribution's median,
