@@ -117,8 +117,16 @@ def test_fit_refuses_existing_folder_and_overwrite_replaces_only_a_run(tmp_path)
 def test_interrupted_fit_leaves_no_checkpoint(tmp_path, sig):
     out = tmp_path / "run"
     args = ["fit", "moons", "--rows", 20000, "--epochs", 200, "--out", out]
+
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that (Python
+    # then installs no KeyboardInterrupt handler): give the command the default, as a
+    # terminal's Ctrl-C finds it, however the test suite itself was started.
+    def default_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen([SCRIPT, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=default_sigint)  # fmt: skip
     deadline = time.monotonic() + 120
     while not any(tmp_path.glob(".run.*")):  # the scratch folder exists once fitting starts
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
