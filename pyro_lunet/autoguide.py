@@ -32,8 +32,10 @@ __all__ = ["AutoFlowNormal", "default_flow_config"]
 
 ARCHITECTURES = ("coupling", "activation")
 PRECONDITIONERS = ("auto", "laplace", None)
-# "auto" keeps a Laplace preconditioner only where PSIS trusts it for importance
-# sampling (k-hat at most 0.7, the usual threshold) and the Hessian is affordable.
+# "auto" keeps a Laplace preconditioner only where its PSIS k-hat is at most 1 (above
+# it the importance weights have no finite mean: the approximation misses the bulk;
+# below, a poor importance sampler is still a good preconditioner; 1000 draws, as
+# 200 were too noisy) and the Hessian is affordable.
 LAPLACE_MAX_KHAT, LAPLACE_MAX_DIM, LAPLACE_DRAWS = 1.0, 200, 1000
 
 
