@@ -499,3 +499,19 @@ def test_pyros_affine_maps_as_kernels_match_pyro(kind, inverse):
     assert torch.autograd.gradgradcheck(
         lambda *a: run_kernels([(kernel, a[1:])], a[0]), (x, *params)
     )
+
+
+def test_pyros_affine_transform_with_scalars_runs_its_own_path():
+    """Scalar loc and scale are not a vector kernel's: the transform's own path, giving what
+    the same parts give chained by Pyro (torch counts a scalar scale's log once per event)."""
+    loc, scale = torch.tensor(0.5, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
+    parts = [AffineTransform(loc, scale, event_dim=1), leaky_softplus()]
+    flow = Flow(parts, input_dim=3)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y, log_det = flow._run(x, False)
+    y_ref, log_det_ref = _compose_log_det(parts, x)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(log_det, log_det_ref)
+    gx = torch.autograd.grad((y.sum() + log_det.sum()), x)[0]
+    gx_ref = torch.autograd.grad((y_ref.sum() + log_det_ref.sum()), x)[0]
+    torch.testing.assert_close(gx, gx_ref)

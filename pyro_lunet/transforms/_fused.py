@@ -499,19 +499,14 @@ class TriangularAffineKernel(Kernel):
         return h @ tril.t() + loc, log_det
 
 
-def _vector_param(value, dim: int) -> bool:
-    return isinstance(value, Tensor) and value.shape == (dim,)
-
-
 def affine_transform_kernel(part, inverse: bool) -> tuple[Kernel, tuple] | None:
-    """The kernel of a Pyro ``AffineTransform`` on vectors (``event_dim=1``, ``(D,)`` loc and
-    scale), or None."""
+    """The kernel of a Pyro ``AffineTransform`` on vectors (``event_dim=1``, loc and scale
+    tensors of shape ``(D,)``), or None (scalars, broadcasting shapes: Pyro's own path)."""
     loc, scale = part.loc, part.scale
-    if not (torch.is_grad_enabled() and part.event_dim == 1 and isinstance(scale, Tensor)):
+    vectors = isinstance(loc, Tensor) and isinstance(scale, Tensor) and scale.dim() == 1
+    if not (torch.is_grad_enabled() and part.event_dim == 1 and vectors):
         return None
-    if not (_vector_param(scale, scale.shape[-1]) and _vector_param(loc, scale.shape[0])):
-        return None
-    return ElementwiseAffineKernel(inverse), (loc, scale)
+    return (ElementwiseAffineKernel(inverse), (loc, scale)) if loc.shape == scale.shape else None
 
 
 def lower_cholesky_affine_kernel(part, inverse: bool) -> tuple[Kernel, tuple] | None:
