@@ -15,7 +15,7 @@ from pyro.infer.autoguide.initialization import init_to_mean, init_to_value
 
 import pyro_lunet
 from pyro_lunet import AutoFlowNormal, psis_khat, to_inference_data
-from pyro_lunet.autoguide import default_flow_config
+from pyro_lunet.autoguide import StandardBase, default_flow_config
 from pyro_lunet.transforms.packed_nn import PackedDenseNN
 
 Y = torch.tensor([[0.3, 1.9], [1.2, 2.4], [-0.4, 1.1], [0.9, 2.8]])  # 4 observations of 2-D
@@ -216,16 +216,20 @@ def test_init_to_mean_honoured():
     assert torch.allclose(median["v"], torch.zeros(2), atol=1e-6)
 
 
-def test_quantiles_at_init_are_the_gaussian_ones():
-    # At initialization the coupling flow is a rotation, so the guide is N(init, init_scale^2 I)
-    # in unconstrained space; quantiles of a positive site are exp of those.
+@pytest.mark.parametrize("base_df, z95", [(None, 1.6448536), (10.0, 1.8124611), (3.0, 2.3533634)])
+def test_quantiles_at_init_are_the_base_ones(base_df, z95):
+    # At initialization the coupling flow is the identity (its first mixer starts there,
+    # its coupling at zero), so every unconstrained coordinate is init + init_scale * eps_i
+    # with eps_i the base's (normal or Student-t: z95 is its 0.95 quantile); quantiles of a
+    # positive site are exp of those.
     values = {"scale": torch.tensor(2.0), "theta": torch.zeros(3), "v": torch.tensor([1.0, -1.0])}
     guide = AutoFlowNormal(hierarchical, init_loc_fn=init_to_value(values=values), init_scale=0.5,
-                           num_quantile_samples=40000, precondition=None)  # fmt: skip
+                           num_quantile_samples=40000, precondition=None,
+                           base_df=base_df)  # fmt: skip
     probs = [0.05, 0.5, 0.95]
     q = guide.quantiles(probs)
     assert q["scale"].shape == (3,) and q["theta"].shape == (3, 3) and q["v"].shape == (3, 2)
-    z = torch.tensor([-1.6448536, 0.0, 1.6448536])
+    z = torch.tensor([-z95, 0.0, z95])
     assert torch.allclose(q["scale"], (math.log(2.0) + 0.5 * z).exp(), rtol=0.03)
     assert torch.allclose(q["v"], torch.tensor([1.0, -1.0]) + 0.5 * z[:, None], atol=0.03)
     assert (q["theta"].diff(dim=0) > 0).all()
@@ -280,6 +284,10 @@ def test_default_config_by_dimension():
         ({"log_scale_bounds": 3.0}, "log_scale_bounds must be"),
         ({"log_scale_bounds": (2.0, float("inf"))}, "log_scale_bounds must be"),
         ({"precondition": "hessian"}, r"precondition must be one of \['auto', 'laplace', None\]"),
+        ({"base_df": 0.0}, "base_df must be a positive finite number or None, got 0.0"),
+        ({"base_df": float("inf")}, "base_df must be .* got inf"),
+        ({"base_df": True}, "base_df must be .* got True"),
+        ({"base_df": "10"}, "base_df must be .* got '10'"),
     ],
 )
 def test_bad_arguments_name_expected_and_got(kwargs, match):
@@ -302,10 +310,13 @@ def funnel():
     pyro.sample("x", dist.Normal(torch.zeros(9), (y / 2).exp()).to_event(1))
 
 
-def test_laplace_preconditioner_is_the_posterior_of_a_gaussian_model():
-    # Laplace is exact here, so before any step the guide is already the posterior.
+@pytest.mark.parametrize("base_df", [None, 10.0])
+def test_laplace_preconditioner_is_the_posterior_of_a_gaussian_model(base_df):
+    # Laplace is exact here, so before any step the guide is already the posterior (with a
+    # normal base; with a Student-t base, the Student-t of the posterior's centre and scale).
     n = Y.shape[0]
-    guide = AutoFlowNormal(conjugate, init_loc_fn=init_to_value(values={"mu": torch.ones(2)}))
+    init = init_to_value(values={"mu": torch.ones(2)})
+    guide = AutoFlowNormal(conjugate, init_loc_fn=init, base_df=base_df)
     guide()
     assert guide.preconditioned and guide.config["num_blocks"] == 1
     assert guide.precondition_note.startswith("Laplace approximation at the MAP (PSIS k-hat")
@@ -315,7 +326,12 @@ def test_laplace_preconditioner_is_the_posterior_of_a_gaussian_model():
     with torch.no_grad():
         draws = guide.get_posterior().sample((20000,))
         log_q = guide.get_posterior().log_prob(draws)
-    exact = dist.Normal(post_mean, post_sd).to_event(1).log_prob(draws)
+    shape = (
+        dist.Normal(post_mean, post_sd)
+        if base_df is None
+        else dist.StudentT(base_df, post_mean, post_sd)
+    )
+    exact = shape.to_event(1).log_prob(draws)
     assert torch.allclose(log_q, exact, atol=1e-4)
     # and SVI from there keeps it
     svi = SVI(conjugate, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO(num_particles=8))
@@ -386,3 +402,41 @@ def test_laplace_preconditioner_set_up_under_no_grad():
     with torch.no_grad():
         Predictive(conjugate, guide=guide, num_samples=3)()
     assert guide.preconditioned, guide.precondition_note
+
+
+# ------------------------------------------------------------------ the base distribution
+@pytest.mark.parametrize("df", [None, 1.5, 10.0])
+def test_standard_base_is_the_iid_student_t_or_normal(df):
+    like = torch.zeros((), dtype=torch.float64)
+    base = StandardBase(4, df, like)
+    x = torch.randn(3, 5, 4, dtype=torch.float64) * 3
+    one = dist.Normal(0.0, 1.0) if df is None else dist.StudentT(df, 0.0, 1.0)
+    torch.testing.assert_close(base.log_prob(x), one.log_prob(x).sum(-1))
+    assert base.event_shape == (4,) and base.batch_shape == ()
+    torch.manual_seed(0)
+    draws = base.rsample((200000,))
+    assert draws.shape == (200000, 4) and draws.dtype == torch.float64
+    # the draws have the distribution's quantiles (a wrong scale or df moves them)
+    probs = torch.tensor([0.1, 0.25, 0.75, 0.9], dtype=torch.float64)
+    want = {None: [-1.2816, -0.6745, 0.6745, 1.2816], 1.5: [-2.1964, -0.8726, 0.8726, 2.1964],
+            10.0: [-1.3722, -0.6998, 0.6998, 1.3722]}[df]  # fmt: skip
+    got = torch.quantile(draws[:, 0], probs)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), atol=0.02, rtol=0)
+    # Pyro's plates expand it; the expanded one scores with the same density
+    wide = base.expand([2])
+    assert wide.rsample((3,)).shape == (3, 2, 4)
+    torch.testing.assert_close(wide.log_prob(x[:, :2]), base.log_prob(x[:, :2]))
+    assert bool(torch.isnan(base.mean).all()) == (df is not None and df <= 1)
+    assert base.variance[0].item() == (1.0 if df is None else df / (df - 2) if df > 2 else math.inf)
+
+
+def test_base_follows_the_guide_dtype_and_the_df():
+    guide = AutoFlowNormal(hierarchical, base_df=4.0)
+    guide()
+    assert guide.get_base_dist().df == 4.0 and guide.get_base_dist().dim == guide.latent_dim
+    guide.double()
+    draw = guide.get_posterior().rsample((2,))
+    assert draw.dtype == torch.float64
+    assert guide.get_base_dist().rsample().dtype == torch.float64
+    guide.base_df = None  # a changed df is a new base, not a stale one
+    assert guide.get_base_dist().df is None

@@ -515,3 +515,32 @@ def test_pyros_affine_transform_with_scalars_runs_its_own_path():
     gx = torch.autograd.grad((y.sum() + log_det.sum()), x)[0]
     gx_ref = torch.autograd.grad((y_ref.sum() + log_det_ref.sum()), x)[0]
     torch.testing.assert_close(gx, gx_ref)
+
+
+def test_then_is_the_flow_with_one_more_part_without_a_new_module():
+    """``Flow._then`` (a guide's per-call location-scale map): the values, log-dets and
+    gradients of ``Flow([*parts, last])``, its own cache, no module registered."""
+    from pyro_lunet.transforms import base
+
+    torch.manual_seed(3)
+    flow = coupling_flow(4, 2, layer="lu").double()
+    loc = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(4, dtype=torch.float64) + 0.5
+    last = AffineTransform(loc, scale, event_dim=1)
+    epoch = base._structure_epoch[0]
+    fast = flow._then(last)
+    assert base._structure_epoch[0] == epoch  # no module registered: layouts stay cached
+    slow = Flow([*flow.parts, last])
+    assert fast.parts == slow.parts and len(flow) == len(fast) - 1
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for inverse in (False, True):
+        got, want = fast._run(x, inverse), slow._run(x, inverse)
+        torch.testing.assert_close(got, want)
+        grads = [torch.autograd.grad(r[0].sum() + r[1].sum(), [loc, flow[0].packed]) for r in
+                 (fast._run(x, inverse), slow._run(x, inverse))]  # fmt: skip
+        torch.testing.assert_close(grads[0], grads[1])
+    y = fast(x)
+    assert fast._cached_x_y[0] is x and flow._cached_x_y[0] is not x  # a cache of its own
+    torch.testing.assert_close(fast.log_abs_det_jacobian(x, y), slow._run(x, False)[1])
+    with pytest.raises(ValueError, match="plain transform, got LULinear"):
+        flow._then(lu_linear(4))

@@ -283,17 +283,30 @@ class AffineCouplingKernel(Kernel):
     the network's raw output :math:`r` is first softly bounded,
     :math:`s = \beta \tanh(r / \beta)` with :math:`\beta = b` for :math:`r > 0`,
     :math:`a` below (see :func:`soft_bound`). Params: the network's
-    weights and biases, in order. ``inverse`` computes :math:`x` from
-    :math:`y`. Cost: the network's, O(N D) besides.
+    weights and biases, in order, or with ``shapes`` (the layers' weight
+    shapes) one flat tensor holding them all, split inside the node (no
+    autograd views to build and undo per step). ``inverse`` computes
+    :math:`x` from :math:`y`. Cost: the network's, O(N D) besides.
     """
 
     def __init__(
         self, split: int, clip: tuple[float, float], inverse: bool,
         bounds: tuple[float, float] | None = None,
+        shapes: Sequence[tuple[int, int]] | None = None,
     ):  # fmt: skip
         self.split, self.clip, self.inverse, self.bounds = split, clip, inverse, bounds
+        self.shapes = shapes
+        if shapes is not None:
+            self.sizes = [n for out, inp in shapes for n in (out * inp, out)]
+
+    def _layers(self, params) -> Sequence[Tensor]:
+        if self.shapes is None:
+            return params
+        parts = params[0].split(self.sizes)
+        return [p.view(self.shapes[k // 2]) if k % 2 == 0 else p for k, p in enumerate(parts)]
 
     def forward(self, h, params):
+        params = self._layers(params)
         first, second = h[:, : self.split], h[:, self.split :]
         z, hidden = first, []  # hidden: each ReLU's output, the next layer's input
         for i in range(0, len(params), 2):
@@ -318,6 +331,9 @@ class AffineCouplingKernel(Kernel):
     def backward(self, saved, params, grad_out, grad_log_det, needs):
         first, hidden, other, factor, slope = saved
         width = other.shape[1]
+        packed = self.shapes is not None
+        if packed:
+            params, needs = self._layers(params), [needs[0]] * len(self.sizes)
         if grad_out is None:
             grad_first = None
             grad_mean = other.new_zeros(other.shape)
@@ -351,9 +367,12 @@ class AffineCouplingKernel(Kernel):
         grad_first = grad_z if grad_first is None else grad_first + grad_z
         if grad_second is None:
             grad_second = grad_first.new_zeros(first.shape[0], width)
+        if packed:
+            grads = [torch.cat([g.reshape(-1) for g in grads])] if needs[0] else [None]
         return torch.cat((grad_first, grad_second), dim=1), grads
 
     def reference(self, h, params):
+        params = self._layers(params)
         first, second = h[:, : self.split], h[:, self.split :]
         z = first
         for i in range(0, len(params), 2):
@@ -388,8 +407,9 @@ def affine_coupling_kernel(part, inverse: bool) -> tuple[Kernel, tuple] | None:
         and net.param_dims[0] == net.param_dims[1]
     ):
         clip = (part.log_scale_min_clip, part.log_scale_max_clip)
-        kernel = AffineCouplingKernel(part.split_dim, clip, inverse, net.log_scale_bounds)
-        return kernel, tuple(net.layer_params())
+        kernel = AffineCouplingKernel(part.split_dim, clip, inverse, net.log_scale_bounds,
+                                      net.shapes)  # fmt: skip
+        return kernel, (net.flat,)
     if (
         not torch.is_grad_enabled()
         or type(net) is not DenseNN

@@ -117,6 +117,25 @@ class Flow(VersionedCacheModule):
     def codomain(self):
         return constraints.independent(constraints.real, self._event_dim)
 
+    def _then(self, last: Transform) -> Flow:
+        """This flow followed by ``last``, a transform that is not a module (a guide's
+        per-call location-scale map), sharing this flow's parts and its cached tensor
+        layout but with a cache of its own.
+
+        Why not ``Flow([*flow.parts, last])``: a module built per SVI step costs
+        more than a small flow's step and, by registering its parts, invalidates
+        every module's cached layout (``_tensor_layout``) at every step.
+        """
+        if isinstance(last, torch.nn.Module) or last.domain.event_dim > self._event_dim:
+            raise ValueError(f"Flow._then takes a plain transform, got {type(last).__name__}")
+        new = object.__new__(type(self))
+        state = new.__dict__
+        state.update(self.__dict__)
+        state.update(_parts=[*self._parts, last], _modules=dict(self._modules), _inv=None)
+        state.update(_cached_x_y=(None, None), _cache_key=None, _cache_token=None,
+                     _cache_log_det=None, _derived={})  # fmt: skip
+        return new
+
     # ------------------------------------------------------------ inspection
     @property
     def parts(self) -> list[Transform]:
