@@ -152,6 +152,8 @@ class StandardBase(dist.TorchDistribution):
         z = torch.randn(shape, dtype=self._like.dtype, device=self._like.device)
         if self.df is None:
             return z
+        # Gamma(df/2, 1/2) draws: the sampler torch.distributions.Gamma itself calls,
+        # without its broadcasting and the implicit gradient a fixed df does not need.
         chi2 = 2.0 * torch._standard_gamma(z.new_full(shape, 0.5 * self.df))
         return z * torch.rsqrt(chi2 / self.df)
 

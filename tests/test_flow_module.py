@@ -542,5 +542,5 @@ def test_then_is_the_flow_with_one_more_part_without_a_new_module():
     y = fast(x)
     assert fast._cached_x_y[0] is x and flow._cached_x_y[0] is not x  # a cache of its own
     torch.testing.assert_close(fast.log_abs_det_jacobian(x, y), slow._run(x, False)[1])
-    with pytest.raises(ValueError, match="plain transform, got LULinear"):
+    with pytest.raises(ValueError, match="plain transform of at most 1 event dims, got LULinear"):
         flow._then(lu_linear(4))

@@ -127,7 +127,10 @@ class Flow(VersionedCacheModule):
         every module's cached layout (``_tensor_layout``) at every step.
         """
         if isinstance(last, torch.nn.Module) or last.domain.event_dim > self._event_dim:
-            raise ValueError(f"Flow._then takes a plain transform, got {type(last).__name__}")
+            raise ValueError(
+                f"Flow._then takes a plain transform of at most {self._event_dim} event dims, "
+                f"got {type(last).__name__}"
+            )
         new = object.__new__(type(self))
         state = new.__dict__
         state.update(self.__dict__)
