@@ -9,8 +9,8 @@ Two tables:
   baseline is the same layer in eval mode, where it is an ordinary dense
   layer trained by autograd: ``slogdet`` and its O(D^3) backward (a
   ``D x D`` inverse from the LU factors). Also shown: forward and backward
-  alone (no optimizer step). Interleaved rounds, medians. Target (issue 6):
-  at D = 2048 the SNF step at least 4x faster.
+  alone (no optimizer step). Interleaved rounds, medians. Target (issue 15,
+  after issue 6's 4x): at D = 2048 the SNF step at least 5x faster.
 * Digits: scikit-learn's bundled 8 x 8 digits (64-D, 17 grey levels),
   uniform dequantization, a logit transform, and the paper's dense network
   (SNF layer, smooth leaky ReLU with slope 0.3, i.e. ``leaky_softplus(0.3)``,
@@ -85,8 +85,8 @@ def speed(dims, batch, repeats, min_seconds):
               f"{t[True, False] * 1e3:14.2f}{t[False, False] * 1e3:15.2f}"
               f"{t[False, False] / t[True, False]:8.2f}x")  # fmt: skip
     if 2048 in ratios:
-        met = "met" if ratios[2048] >= 4 else "MISSED"
-        print(f"target: SNF step >= 4x faster than exact at D=2048: {ratios[2048]:.2f}x ({met})")
+        met = "met" if ratios[2048] >= 5 else "MISSED"
+        print(f"target: SNF step >= 5x faster than exact at D=2048: {ratios[2048]:.2f}x ({met})")
     return ratios
 
 

@@ -32,6 +32,7 @@ GUIDE_DRAWS = 4
 DENSITY_BATCH = 256
 FLOW_REFERENCE = "pyro IAF x3"
 LAYER_REFERENCE = "pyro IAF layer"
+PEER_PREFIXES = ("zuko ", "nflows ")  # the peers' rows, which the targets leave out
 
 
 def machine() -> str:
@@ -165,6 +166,25 @@ def print_table(title: str, rows: dict) -> None:
         print(f"  {name:<{width}}  {seconds * 1e3:8.3f} ms  {ratio:5.2f}x  {nodes or ''}")
 
 
+# Issue 15: at these D every builder's flow, and at every D every family's
+# single layer, at most as slow as Pyro's IAF reference.
+TARGET_DIMS = (10, 32)
+
+
+def check_targets(results: dict) -> list[tuple[str, float, bool]]:
+    """``(what, ratio, met)`` for every measured row the targets cover (the peers are not ours)."""
+    outcomes = []
+    for (dim, task, kind), rows in results.items():
+        if kind == "flows" and dim not in TARGET_DIMS:
+            continue
+        for name, (_, ratio, _) in rows.items():
+            if name in (FLOW_REFERENCE, LAYER_REFERENCE) or name.startswith(PEER_PREFIXES):
+                continue
+            what = f"{name} {task} step at D={dim}" + (", one layer" if kind == "layers" else "")
+            outcomes.append((what, ratio, ratio <= 1.0))
+    return outcomes
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[4, 10, 32, 64])
@@ -192,6 +212,9 @@ def main(argv=None) -> dict:
         rows = table(dim, "guide", args.repeats, args.min_seconds, True, clock)
         print_table(f"D={dim}, guide step of one layer, ratio to {LAYER_REFERENCE}", rows)
         results[(dim, "guide", "layers")] = rows
+    print("\ntargets (<= 1.00x the reference in this run):")
+    for what, ratio, met in check_targets(results):
+        print(f"  [{'met ' if met else 'MISS'}] {what}: {ratio:.2f}x")
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -320,6 +321,8 @@ def test_bench_prints_the_table():
     out = cli("bench", "--dims", 8, "--batch", 16, "--repeats", 1, "--min-seconds", 0.001,
               "--only", "circulant").stdout  # fmt: skip
     assert "D=8, B=16" in out and "circulant" in out
+    passes = out.split("elementwise passes", 1)[1]  # each step in units of one pass
+    assert int(passes.split("circulant", 1)[1].split()[0]) >= 1
     assert "Targets:" not in out  # the project's targets live in benchmarks/, not the package
 
 
@@ -332,6 +335,49 @@ def test_bench_layers_script_checks_the_targets(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Targets:" in done.stdout and "[n/a ]" in done.stdout  # D=1024 not measured
     assert json.loads((tmp_path / "bench.json").read_text())["targets"]
+
+
+def _benchmark_module(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_layer_targets_count_passes_and_growth():
+    targets = _benchmark_module("targets")
+
+    def dim_entry(scale, one_pass):
+        rows = {"butterfly": 0.03 * scale, "circulant": 0.02 * scale, "nflows": 0.1}
+        tasks = ("density", "guide", "sample", "score")
+        return {"times": {task: dict(rows) for task in tasks}, "pass": one_pass}
+
+    results = {"dims": {1024: dim_entry(1.0, 1e-3), 4096: dim_entry(4.5, 1e-3)}}
+    outcome = {t.label: (ratio, ok) for t, ratio, ok in targets.check_targets(results)}
+    assert outcome["butterfly passes, density step"] == (pytest.approx(30.0), True)
+    assert outcome["butterfly density step"] == (pytest.approx(0.3), False)
+    assert outcome["circulant growth D=1024 -> 4096, guide step"] == (pytest.approx(4.5), True)
+    assert outcome["LU default density step"] == (None, None)  # no LU row: not measured
+
+
+def test_small_d_targets_leave_out_the_references_and_peers():
+    small_d = _benchmark_module("bench_small_d")
+    rows = {small_d.FLOW_REFERENCE: (1e-3, 1.0, 63), "lu_net(D, 4)": (9e-4, 0.9, 21),
+            "zuko MAF x3": (6e-3, 6.0, None), "coupling_flow[lu]": (2e-3, 2.0, 25)}  # fmt: skip
+    layer_rows = {small_d.LAYER_REFERENCE: (1e-3, 1.0, 20), "butterfly": (1.2e-3, 1.2, 36)}
+    results = {(10, "guide", "flows"): rows, (64, "guide", "flows"): rows,
+               (64, "guide", "layers"): layer_rows}  # fmt: skip
+    assert small_d.check_targets(results) == [
+        ("lu_net(D, 4) guide step at D=10", 0.9, True),
+        ("coupling_flow[lu] guide step at D=10", 2.0, False),
+        ("butterfly guide step at D=64, one layer", 1.2, False),
+    ]
 
 
 def test_demo_writes_its_folder_and_says_where(tmp_path):

@@ -284,6 +284,17 @@ def _gemm_reference(dim: int, batch: int, repeats: int, min_seconds: float) -> f
     return median_times({"gemm": lambda: x @ w.T}, repeats, min_seconds)["gemm"]
 
 
+def _pass_reference(dim: int, batch: int, repeats: int, min_seconds: float) -> float:
+    """Seconds of one elementwise pass over the ``B x D`` batch: read it, write a warm buffer.
+
+    The memory floor's unit: a step's time divided by it is the number of
+    such passes the step costs (the fastest a pass can run, so a count in
+    these units is an upper bound on the passes actually made).
+    """
+    x, out = torch.randn(batch, dim), torch.empty(batch, dim)
+    return median_times({"pass": lambda: torch.add(x, 1.0, out=out)}, repeats, min_seconds)["pass"]
+
+
 def run(dims, batch, repeats, min_seconds, only=None, skip_slow_peers_above=512):
     results = {"dims": {}, "batch": batch}
     for dim in dims:
@@ -305,8 +316,10 @@ def run(dims, batch, repeats, min_seconds, only=None, skip_slow_peers_above=512)
             table[task] = median_times(fns, repeats, min_seconds, slow_seconds=SLOW_SECONDS)
         params = {r.name: sum(p.numel() for p in r.parameters()) for r in runners}
         gemm = _gemm_reference(dim, batch, repeats, min_seconds)
-        results["dims"][dim] = {"times": table, "params": params, "gemm": gemm}
+        one_pass = _pass_reference(dim, batch, repeats, min_seconds)
+        results["dims"][dim] = {"times": table, "params": params, "gemm": gemm, "pass": one_pass}
         _print_table(dim, batch, table, params, gemm)
+        _print_passes(table, one_pass)
     return results
 
 
@@ -326,6 +339,15 @@ def _print_table(dim, batch, table, params, gemm):
             ratio = f" ({t / table[task][ref]:.2f}x)" if ref else ""
             cells.append(f"{t * 1e3:9.3f}{ratio:>11s}")
         print(f"{name:32s}" + "".join(f"{c:>20s}" for c in cells) + f"{params[name]:>12d}")
+
+
+def _print_passes(table, one_pass):
+    print(f"\nelementwise passes a training step costs (its time / {one_pass * 1e3:.3f} ms, "
+          "one pass over the batch into a warm buffer)")  # fmt: skip
+    print(f"{'layer':32s}{'density':>10s}{'guide':>10s}")
+    for name in table["density"]:
+        cells = "".join(f"{table[task][name] / one_pass:10.0f}" for task in ("density", "guide"))
+        print(f"{name:32s}{cells}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
