@@ -67,7 +67,7 @@ def test_blocked_product_and_its_gradients_match_dense_autograd(dim):
     torch.testing.assert_close(gp, gp_ref)
 
 
-@pytest.mark.parametrize("dim", [1, 6, 300])
+@pytest.mark.parametrize("dim", [1, 6, 300, 1030])
 def test_structured_solve_and_its_gradients_match_dense_autograd(dim):
     """The solve side's hand-written backward against autograd through two triangular solves,
     and, at a small D, gradcheck and gradgradcheck (create_graph)."""
