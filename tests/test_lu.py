@@ -72,9 +72,12 @@ def test_structured_solve_and_its_gradients_match_dense_autograd(dim):
     """The solve side's hand-written backward against autograd through two triangular solves,
     and, at a small D, gradcheck and gradgradcheck (create_graph)."""
     torch.manual_seed(dim)
-    layer = lu_linear(dim, init="orthogonal").double()
+    # Near the identity above a few hundred dims: the LU factors of a random
+    # orthogonal matrix, with flipped diagonal signs, grow ill-conditioned with D.
+    init, noise = ("orthogonal", 0.05) if dim <= 300 else ("identity", 0.01)
+    layer = lu_linear(dim, init=init).double()
     with torch.no_grad():
-        layer.packed.add_(0.05 * torch.randn_like(layer.packed))
+        layer.packed.add_(noise * torch.randn_like(layer.packed))
         layer.diag_sign[::2] = -1.0
     y = torch.randn(7, dim, dtype=torch.float64, requires_grad=True)
     g = torch.randn(7, dim, dtype=torch.float64)
