@@ -67,6 +67,55 @@ def test_blocked_product_and_its_gradients_match_dense_autograd(dim):
     torch.testing.assert_close(gp, gp_ref)
 
 
+@pytest.mark.parametrize("x_grad", [False, True])
+@pytest.mark.parametrize("dim", [6, 300, 1030])
+def test_blocked_product_with_a_shift_matches_dense_autograd(dim, x_grad):
+    """``L U (x - s)`` with the shift inside the kernel: values and the gradients of x,
+    the packed factors and the shift, with and without a batch gradient; at a small D
+    gradcheck and gradgradcheck (create_graph)."""
+    torch.manual_seed(dim)
+    layer = lu_linear(dim, init="identity").double()
+    with torch.no_grad():
+        layer.packed.add_(0.01 * torch.randn_like(layer.packed))
+        layer.diag_sign[::2] = -1.0
+    x = torch.randn(7, dim, dtype=torch.float64, requires_grad=x_grad)
+    shift = torch.randn(dim, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(7, dim, dtype=torch.float64)
+    wrt = (x, layer.packed, shift) if x_grad else (layer.packed, shift)
+    y = _LUProduct.apply(x, layer.packed, layer.diag_sign, shift)
+    grads = torch.autograd.grad(y, wrt, g)
+    y_ref = (x - shift) @ torch.mm(*layer.lower_upper()).T
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(grads, torch.autograd.grad(y_ref, wrt, g)):
+        torch.testing.assert_close(got, want)
+    if dim <= 6:
+        fn = lambda x, p, s: _LUProduct.apply(x, p, layer.diag_sign, s)  # noqa: E731
+        args = (x.detach().requires_grad_(), layer.packed, shift)
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize("role", ["guide", "density"])
+def test_large_layer_inverse_with_bias_matches_the_dense_weight(role):
+    """At D >= 256 the inverse takes the bias inside its kernel (no second call for it):
+    log-density and every parameter's gradient against the dense weight, float64."""
+    torch.manual_seed(0)
+    layer = lu_linear(300, init="identity", role=role, cache_size=0).double()
+    with torch.no_grad():
+        layer.packed.add_(0.01 * torch.randn_like(layer.packed))
+        layer.bias.normal_()
+    y = torch.randn(9, 300, dtype=torch.float64)
+    x = layer.inv(y)
+    loss = (x.square().sum() - layer.log_abs_det_jacobian(x, y).sum()) / 2
+    grads = torch.autograd.grad(loss, (layer.packed, layer.bias))
+    weight = layer.weight()  # y = W x + b, differentiable
+    x_ref = torch.linalg.solve(weight, (y - layer.bias).T).T
+    loss_ref = (x_ref.square().sum() - 9 * torch.linalg.slogdet(weight)[1]) / 2
+    torch.testing.assert_close(x, x_ref)
+    for got, want in zip(grads, torch.autograd.grad(loss_ref, (layer.packed, layer.bias))):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("dim", [1, 6, 300, 1030])
 def test_structured_solve_and_its_gradients_match_dense_autograd(dim):
     """The solve side's hand-written backward against autograd through two triangular solves,
