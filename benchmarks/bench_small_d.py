@@ -8,7 +8,10 @@ backward pass. A density step is
 timed round robin with the others (median of rounds, one thread), and
 reported as a ratio to the reference in the same run: Pyro's ``AutoIAFNormal``
 flow with three transforms (``iterated(3, affine_autoregressive)``) for whole
-flows, one Pyro IAF layer for single layers.
+flows, one Pyro IAF layer for single layers. Beside the single layers, the
+families that run at small D as an assembled dense matrix (butterfly,
+circulant) show that assembly alone (forward and backward, no rows): the part
+of their step that has no counterpart in an LU layer's.
 
     python benchmarks/bench_small_d.py --dims 4 10 32 64
 """
@@ -33,6 +36,7 @@ DENSITY_BATCH = 256
 FLOW_REFERENCE = "pyro IAF x3"
 LAYER_REFERENCE = "pyro IAF layer"
 PEER_PREFIXES = ("zuko ", "nflows ")  # the peers' rows, which the targets leave out
+ASSEMBLY = " (assembly only)"  # a part of a layer's step, not a step: no target
 
 
 def machine() -> str:
@@ -142,6 +146,24 @@ def nflows_steps(dim: int, task: str, data: torch.Tensor) -> dict[str, Callable[
     return {"nflows MAF x3": step}
 
 
+def assembly_steps(dim: int) -> dict[str, Callable[[], None]]:
+    """For each family that runs at this D as an assembled dense matrix (butterfly,
+    circulant): building that matrix and its log-det from the parameters, and their
+    backward, with no rows at all: the part of a step no batch size changes."""
+    steps = {}
+    for name, family in pyro_lunet.FAMILIES.items():
+        layer = family.factory(dim)
+        if not getattr(layer, "_use_dense_matrix", lambda: False)():
+            continue
+
+        def step(layer=layer):
+            matrices, log_det = type(layer)._dense_sides([layer], False)
+            (matrices[0].sum() + log_det).backward()
+
+        steps[f"{name}{ASSEMBLY}"] = step
+    return steps
+
+
 # ------------------------------------------------------------------- the run
 def table(dim: int, task: str, repeats: int, min_seconds: float, single: bool, clock) -> dict:
     torch.manual_seed(0)
@@ -149,7 +171,9 @@ def table(dim: int, task: str, repeats: int, min_seconds: float, single: bool, c
     role = "guide" if task == "guide" else "density"
     makers = layers(dim) if single else flows(dim, role)
     fns = {name: pyro_step(make(), dim, task, data) for name, make in makers.items()}
-    if not single:
+    if single:
+        fns.update(assembly_steps(dim))
+    else:
         fns.update(zuko_steps(dim, task, data))
         fns.update(nflows_steps(dim, task, data))
     nodes = {name: fn.nodes() for name, fn in fns.items() if hasattr(fn, "nodes")}
@@ -178,7 +202,8 @@ def check_targets(results: dict) -> list[tuple[str, float, bool]]:
         if kind == "flows" and dim not in TARGET_DIMS:
             continue
         for name, (_, ratio, _) in rows.items():
-            if name in (FLOW_REFERENCE, LAYER_REFERENCE) or name.startswith(PEER_PREFIXES):
+            ours = not name.startswith(PEER_PREFIXES) and not name.endswith(ASSEMBLY)
+            if name in (FLOW_REFERENCE, LAYER_REFERENCE) or not ours:
                 continue
             what = f"{name} {task} step at D={dim}" + (", one layer" if kind == "layers" else "")
             outcomes.append((what, ratio, ratio <= 1.0))

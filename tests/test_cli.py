@@ -370,7 +370,8 @@ def test_small_d_targets_leave_out_the_references_and_peers():
     small_d = _benchmark_module("bench_small_d")
     rows = {small_d.FLOW_REFERENCE: (1e-3, 1.0, 63), "lu_net(D, 4)": (9e-4, 0.9, 21),
             "zuko MAF x3": (6e-3, 6.0, None), "coupling_flow[lu]": (2e-3, 2.0, 25)}  # fmt: skip
-    layer_rows = {small_d.LAYER_REFERENCE: (1e-3, 1.0, 20), "butterfly": (1.2e-3, 1.2, 36)}
+    layer_rows = {small_d.LAYER_REFERENCE: (1e-3, 1.0, 20), "butterfly": (1.2e-3, 1.2, 36),
+                  f"butterfly{small_d.ASSEMBLY}": (5e-4, 0.5, None)}  # fmt: skip
     results = {(10, "guide", "flows"): rows, (64, "guide", "flows"): rows,
                (64, "guide", "layers"): layer_rows}  # fmt: skip
     assert small_d.check_targets(results) == [
