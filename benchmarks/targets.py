@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyro_lunet.cli.bench import PEERS
+from pyro_lunet.cli.bench import BASE_ONLY, PEERS
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,14 @@ def report(results) -> dict:
         shown = "not measured" if ratio is None else f"{ratio:.3f}{unit}"
         goal = f"goal <= {target.max_ratio}{unit}"
         print(f"  [{mark}] {target.label} at D={target.dim}: {shown} ({goal})")
+    for dim, entry in results["dims"].items():  # the floor under every ratio above
+        times = entry["times"]
+        if BASE_ONLY in times["density"] and "nflows" in times["density"]:
+            ratios = ", ".join(
+                f"{task} {times[task][BASE_ONLY] / times[task]['nflows']:.3f}x"
+                for task in ("density", "guide")
+            )
+            print(f"  floor at D={dim}: {BASE_ONLY} costs {ratios} of nflows' steps")
     return {
         "targets": [
             {"label": t.label, "dim": t.dim, "ratio": r, "goal": t.max_ratio, "met": ok}

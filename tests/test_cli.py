@@ -323,6 +323,7 @@ def test_bench_prints_the_table():
     assert "D=8, B=16" in out and "circulant" in out
     passes = out.split("elementwise passes", 1)[1]  # each step in units of one pass
     assert int(passes.split("circulant", 1)[1].split()[0]) >= 1
+    assert "no layer: Pyro's base alone" in passes  # the floor under every Pyro row
     assert "Targets:" not in out  # the project's targets live in benchmarks/, not the package
 
 

@@ -11,8 +11,11 @@ four tasks, each the way a user would run it:
 
 Peers: nflows ``LULinear``, zuko ``LULinearTransform``, normflows
 ``LULinearPermute`` and Pyro's ``GeneralizedChannelPermute`` (on ``(D, 1, 1)``
-inputs), all with their default settings, plus one dense ``B x D x D`` GEMM
-as the hardware reference. Measurements are interleaved across
+inputs), all with their default settings, plus two references: one dense
+``B x D x D`` GEMM, and a row with no layer at all, Pyro's base distribution
+alone (what every Pyro row's step spends around its layer: the floor under
+it). Each training step is also counted in elementwise passes over the
+batch. Measurements are interleaved across
 implementations (round robin) and the median of ``--repeats`` rounds is
 reported, so a noisy machine slows everyone alike. Ratios are against nflows
 (the most used peer). The project's speed targets are not part of the
@@ -142,6 +145,37 @@ class PairRunner(Runner):
     def no_grad_score(self, x):
         z, ladj = self.score(x)
         return _normal_log_prob(z) + ladj
+
+
+BASE_ONLY = "no layer: Pyro's base alone"
+
+
+class BaseOnlyRunner(Runner):
+    """No layer: what a Pyro row's step costs around its layer, the floor under every one.
+
+    Its steps are a Pyro row's without the transform: the base's ``rsample``
+    and ``log_prob`` (argument validation included) and, in the density
+    step, their backward into the data, which a layer would pass on.
+    """
+
+    name = BASE_ONLY
+
+    def __init__(self, dim):
+        self.module = torch.nn.Module()
+        self.base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
+
+    def density_loss(self, x):
+        return -self.base.log_prob(x.detach().requires_grad_()).mean()
+
+    def guide_loss(self, batch):
+        y = self.base.rsample((batch,)).requires_grad_()
+        return (self.base.log_prob(y.detach()) - _normal_log_prob(y)).mean()
+
+    def no_grad_sample(self, batch):
+        return self.base.sample((batch,))
+
+    def no_grad_score(self, x):
+        return self.base.log_prob(x)
 
 
 def peer_runners(dim: int) -> list[Runner]:
@@ -309,6 +343,7 @@ def run(dims, batch, repeats, min_seconds, only=None, skip_slow_peers_above=512)
         # the batch): they are left out of the row rather than the run.
         too_big = {"pyro GeneralizedChannelPermute": skip_slow_peers_above, "zuko": 1024}
         runners += [r for r in peer_runners(dim) if dim <= too_big.get(r.name, dim)]
+        runners.append(BaseOnlyRunner(dim))
         inputs = [torch.randn(batch, dim) for _ in range(2)]
         table = {}
         for task in TASKS:
