@@ -429,7 +429,8 @@ class AutoFlowNormal(AutoContinuous):
     Intel Xeon, 2 cores, otherwise idle; 2026-12-03), the defaults against
     ``AutoIAFNormal``: funnel 4.08 / 3.59 ms, eight schools 5.97 / 5.21,
     logistic regression 7.81 / 6.77, banana 5.78 / 5.04, two modes
-    6.48 / 5.80: 1.12-1.15x, with 4 parameter tensors like it (the earlier
+    6.48 / 5.80: 1.12-1.15x (a later run on a slower machine of the same
+    name: 1.05-1.17x), with 4 parameter tensors like it (the earlier
     three-block default with biased mixers: 1.38-1.59x, 11 tensors). The
     flow runs as one fused autograd node, the bounded coupling and the
     final affine map (or the preconditioned triangular one) included, and
@@ -453,7 +454,8 @@ class AutoFlowNormal(AutoContinuous):
     0.62 / 0.31; two modes -0.05 / 0.072 against 0.29 / 0.038
     (``AutoMultivariateNormal`` -0.07 / 0.052: the modes overlap, and a
     Gaussian covering both does well). Wall time of the fits, set-up
-    included: 0.93-1.22x ``AutoIAFNormal``'s. Still short of the issue's
+    included: 0.93-1.22x ``AutoIAFNormal``'s (0.94-1.24x in the later run,
+    whose :math:`\hat k` and mean errors were the same). Still short of the issue's
     targets: :math:`\hat k` below 0.5 on schools and 0.3 on the logistic
     regression, the k-hat on schools against ``AutoIAFNormal``'s, the mean
     error on the funnel and two modes (the Student-t base's price, see
