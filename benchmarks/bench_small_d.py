@@ -202,8 +202,8 @@ def check_targets(results: dict) -> list[tuple[str, float, bool]]:
         if kind == "flows" and dim not in TARGET_DIMS:
             continue
         for name, (_, ratio, _) in rows.items():
-            ours = not name.startswith(PEER_PREFIXES) and not name.endswith(ASSEMBLY)
-            if name in (FLOW_REFERENCE, LAYER_REFERENCE) or not ours:
+            reference = name in (FLOW_REFERENCE, LAYER_REFERENCE)
+            if reference or name.startswith(PEER_PREFIXES) or name.endswith(ASSEMBLY):
                 continue
             what = f"{name} {task} step at D={dim}" + (", one layer" if kind == "layers" else "")
             outcomes.append((what, ratio, ratio <= 1.0))

@@ -57,7 +57,7 @@ def test_blocked_product_and_its_gradients_match_dense_autograd(dim):
         layer.packed.add_(0.05 * torch.randn_like(layer.packed))
     x = torch.randn(7, dim, dtype=torch.float64, requires_grad=True)
     g = torch.randn(7, dim, dtype=torch.float64)
-    y = _LUProduct.apply(x, layer.packed, layer.diag_sign)
+    y = _LUProduct.apply(x, layer.packed, layer.diag_sign, None)
     gx, gp = torch.autograd.grad(y, (x, layer.packed), g)
     lower, upper = layer.lower_upper()
     y_ref = x @ (lower @ upper).T

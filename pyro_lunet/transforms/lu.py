@@ -56,19 +56,19 @@ def _packed_gradient(
     x: Tensor,
     u_diag: Tensor,
     bounds: list[int],
-    shift: Tensor | None = None,
+    shift: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     r"""The gradient of the packed factors from rows (batch first, ``(N, D)``) of
-    ``y = L z`` and ``z = U (x - shift)``: :math:`G_L = g_y^\top z` strictly below the
+    ``y = L z`` and ``z = U (x - s)``: :math:`G_L = g_y^\top z` strictly below the
     diagonal, :math:`G_U = g_z^\top (x - 1 s^\top)` above it, and on it
     :math:`(G_U)_{ii} U_{ii}` (the derivative through :math:`U_{ii} = s_i e^{d_i}`).
 
     Written block row by block row, each by GEMMs over the triangle's part of
     it only: about ``(k + 1) / 2k`` of two dense products' flops for ``k`` blocks
-    (the shift, a rank-one correction, adds one pass over the upper triangle).
+    (``shift``, ``(s, 1^\top g_z)``, is a rank-one correction: one more pass over
+    the upper triangle).
     """
     grad_packed = grad_y.new_empty(grad_y.shape[1], x.shape[1])
-    column_sums = None if shift is None else grad_z.sum(0)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         rows = slice(start, stop)
         gy, gz = grad_y[:, rows], grad_z[:, rows]
@@ -77,8 +77,9 @@ def _packed_gradient(
         block_l = gy.T @ z[:, rows]
         block_u = gz.T @ x[:, rows]
         if shift is not None:
-            grad_packed[rows, stop:].addr_(column_sums[rows], shift[stop:], alpha=-1.0)
-            block_u.addr_(column_sums[rows], shift[rows], alpha=-1.0)
+            s, column_sums = shift
+            grad_packed[rows, stop:].addr_(column_sums[rows], s[stop:], alpha=-1.0)
+            block_u.addr_(column_sums[rows], s[rows], alpha=-1.0)
         block = block_l.tril(-1) + block_u.triu(1)
         block.diagonal().copy_(block_u.diagonal() * u_diag[rows])
         grad_packed[rows, rows] = block
@@ -160,7 +161,7 @@ class _LUProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, packed: Tensor, sign: Tensor, shift: Tensor | None = None):
+    def forward(ctx, x: Tensor, packed: Tensor, sign: Tensor, shift: Tensor | None):
         diag = sign * packed.diagonal().exp()
         lower = packed.tril(-1)
         lower.diagonal().fill_(1.0)
@@ -187,13 +188,15 @@ class _LUProduct(torch.autograd.Function):
         # z = (x - s) U^T, y = z L^T: grad_z = grad_y L, grad_x = grad_z U.
         grad_z = _tri_matmul(grad_y, lower.T, lower=False, bounds=bounds)
         grad_x = _tri_matmul(grad_z, upper.T, lower=True, bounds=bounds) if needs[0] else None
+        # The shift's share: 1^T grad_z, once for both its gradient and the packed one's.
+        column_sums = None if shift is None else grad_z.sum(0)
         grad_packed = grad_shift = None
         if needs[1]:
-            u_diag = upper.diagonal()
-            grad_packed = _packed_gradient(grad_y, z, grad_z, x, u_diag, bounds, shift)
-        if shift is not None and needs[3]:
-            grad_shift = -(grad_x.sum(0) if grad_x is not None else grad_z.sum(0) @ upper)
-        return (grad_x, grad_packed, None, grad_shift)[: len(needs)]  # shift is optional
+            rank_one = None if shift is None else (shift, column_sums)
+            grad_packed = _packed_gradient(grad_y, z, grad_z, x, upper.diagonal(), bounds, rank_one)
+        if needs[3]:
+            grad_shift = -(column_sums @ upper)
+        return grad_x, grad_packed, None, grad_shift
 
     @staticmethod
     def _differentiable_backward(ctx, grad_y: Tensor):
@@ -211,8 +214,7 @@ class _LUProduct(torch.autograd.Function):
         if shift is not None:
             x = x - shift
         grad_z = grad_y @ lower
-        needs_shift = shift is not None and needs[3]
-        grad_input = grad_z @ upper if needs[0] or needs_shift else None
+        grad_input = grad_z @ upper if needs[0] or needs[3] else None
         grad_packed = None
         if needs[1]:
             grad_lower = grad_y.T @ (x @ upper.T)
@@ -222,8 +224,8 @@ class _LUProduct(torch.autograd.Function):
                 + grad_upper.triu(1)
                 + torch.diag(grad_upper.diagonal() * upper.diagonal())
             )
-        grad_shift = -grad_input.sum(0) if needs_shift else None
-        return ((grad_input if needs[0] else None), grad_packed, None, grad_shift)[: len(needs)]
+        grad_shift = -grad_input.sum(0) if needs[3] else None
+        return (grad_input if needs[0] else None), grad_packed, None, grad_shift
 
 
 class LULinear(InvertibleLinear):
@@ -307,7 +309,7 @@ class LULinear(InvertibleLinear):
             return x @ self._memo("lu_t", lambda: torch.mm(*self.lower_upper()).T)
         if self.input_dim < 2 * _BLOCK_MIN:  # one block: plain autograd is leaner
             return x @ torch.mm(*self.lower_upper()).T
-        return _LUProduct.apply(x, self.packed, self.diag_sign)
+        return _LUProduct.apply(x, self.packed, self.diag_sign, None)
 
     def _triangular_solve(self, y: Tensor) -> Tensor:
         if torch.is_grad_enabled() and self.input_dim >= 2 * _BLOCK_MIN:
