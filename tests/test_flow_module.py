@@ -527,9 +527,11 @@ def test_then_is_the_flow_with_one_more_part_without_a_new_module():
     loc = torch.randn(4, dtype=torch.float64, requires_grad=True)
     scale = torch.rand(4, dtype=torch.float64) + 0.5
     last = AffineTransform(loc, scale, event_dim=1)
+    flow(torch.randn(2, 4, dtype=torch.float64))  # the flow's own cache holds a pair
     epoch = base._structure_epoch[0]
     fast = flow._then(last)
     assert base._structure_epoch[0] == epoch  # no module registered: layouts stay cached
+    assert fast._cached_x_y == (None, None) and fast._cache_key is None  # nothing inherited
     slow = Flow([*flow.parts, last])
     assert fast.parts == slow.parts and len(flow) == len(fast) - 1
     x = torch.randn(5, 4, dtype=torch.float64)

@@ -131,12 +131,13 @@ class Flow(VersionedCacheModule):
                 f"Flow._then takes a plain transform of at most {self._event_dim} event dims, "
                 f"got {type(last).__name__}"
             )
-        new = object.__new__(type(self))
-        state = new.__dict__
-        state.update(self.__dict__)
-        state.update(_parts=[*self._parts, last], _modules=dict(self._modules), _inv=None)
-        state.update(_cached_x_y=(None, None), _cache_key=None, _cache_token=None,
-                     _cache_log_det=None, _derived={})  # fmt: skip
+        new = object.__new__(type(self))  # no Module.__init__: this runs every SVI step
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(
+            _parts=[*self._parts, last], _modules=dict(self._modules), _inv=None, _cache_token=None
+        )
+        new._cached_x_y = None, None
+        new.clear_cache()
         return new
 
     # ------------------------------------------------------------ inspection
